@@ -1,0 +1,451 @@
+"""The registry of named 2D chest X-ray datasets, each loaded into an :class:`ImageDataset`.
+
+Shapes: ``N`` images, ``S`` the side of the square images, ``K`` classes. Every loader returns images
+(N, 1, S, S) uint8. Folder-based loaders (kermany, nih-cxr14, folder, dicom) decode with
+:func:`~chestssl.data.io.read_xrays` and cache the decoded, resized arrays under :func:`cache_dir`, keyed by
+the dataset name, the size, the labels CSV's bytes, the root folder and each file's size and mtime.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import inspect
+import io
+import logging
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from chestssl.data.io import is_dicom, read_xrays, resize_image
+from chestssl.data.paths import cache_dir, resolve_data_dir
+from chestssl.data.types import ImageDataset
+from chestssl.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+NIH_FINDINGS = (
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+)
+SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test", "": ""}
+DEFAULT_PATIENT_SALT = "chestssl-patient-id-v1"
+
+# MedMNIST v3 (Zenodo record 10519652), from MedMNIST/MedMNIST medmnist/info.py; the 28 px file is unchanged since v2
+MEDMNIST_URL = "https://zenodo.org/records/10519652/files/{file}?download=1"
+PNEUMONIAMNIST_MD5 = {
+    28: "28209eda62fecd6e6a2d98b1501bb15f",
+    64: "8f4eceb4ccffa70c672198ea285246c6",
+    128: "05b46931834c231683c68f40c47b2971",
+    224: "d6a3c71de1b945ea11211b03746c1fe1",
+}
+PNEUMONIAMNIST_COUNTS = {"train": 4708, "val": 524, "test": 624}
+
+
+def _pneumoniamnist_candidates(data_dir: Path, size: int) -> list[Path]:
+    file = "pneumoniamnist.npz" if size == 28 else f"pneumoniamnist_{size}.npz"
+    return [data_dir / "pneumoniamnist" / file, data_dir / file]
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download_file(url: str, destination: Path, md5: str) -> None:
+    """Fetch ``url`` into ``destination`` (temp file, md5 check, then ``os.replace``)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("downloading %s to %s", url, destination)
+    digest = hashlib.md5()
+    with tempfile.NamedTemporaryFile(dir=destination.parent, suffix=".part", delete=False) as handle:
+        partial = Path(handle.name)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as handle:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                digest.update(block)
+                handle.write(block)
+        if digest.hexdigest() != md5:
+            raise DataError(f"{url}: downloaded file has md5 {digest.hexdigest()}, expected {md5}")
+        os.replace(partial, destination)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+_WARNED_MD5: set[tuple[str, str]] = set()  # warn about a rebuilt file once per process, not once per load
+
+
+def _read_medmnist(path: Path, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images (N, 1, S, S), labels (N,) and split (N,) of a MedMNIST npz, checked against the official release."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except Exception as err:
+        raise DataError(f"{path}: not a readable .npz file ({type(err).__name__}: {err})") from err
+    expected = [f"{split}_{kind}" for split in PNEUMONIAMNIST_COUNTS for kind in ("images", "labels")]
+    missing = [key for key in expected if key not in arrays]
+    if missing:
+        raise DataError(f"{path}: not a MedMNIST file; missing keys {missing} (has {sorted(arrays)})")
+    counts = {split: len(arrays[f"{split}_images"]) for split in PNEUMONIAMNIST_COUNTS}
+    official_md5 = PNEUMONIAMNIST_MD5[size]
+    actual_md5 = _md5(path)
+    if actual_md5 != official_md5:
+        if counts != PNEUMONIAMNIST_COUNTS:
+            raise DataError(
+                f"{path}: md5 {actual_md5} is not the official {official_md5} and the counts {counts} differ from "
+                f"the official {PNEUMONIAMNIST_COUNTS}; replace it with the MedMNIST release"
+            )
+        if (str(path), actual_md5) not in _WARNED_MD5:
+            _WARNED_MD5.add((str(path), actual_md5))
+            logger.warning(
+                "%s: md5 %s differs from the official %s, but the counts match the release %s; using it "
+                "(a rebuilt or re-saved copy)", path, actual_md5, official_md5, PNEUMONIAMNIST_COUNTS,
+            )
+    images, labels, split = [], [], []
+    for name in PNEUMONIAMNIST_COUNTS:
+        block, block_labels = arrays[f"{name}_images"], arrays[f"{name}_labels"].reshape(-1)
+        if block.dtype != np.uint8 or block.shape[1:] != (size, size) or len(block_labels) != len(block):
+            raise DataError(
+                f"{path}: {name}_images is {block.dtype} {block.shape} with {len(block_labels)} labels; "
+                f"expected uint8 (N, {size}, {size}) with N labels"
+            )
+        images.append(block[:, None])
+        labels.append(block_labels.astype(np.int64))
+        split.append(np.full(len(block), name))
+    labels = np.concatenate(labels)
+    if not np.isin(labels, (0, 1)).all():
+        raise DataError(f"{path}: labels must be 0 (normal) or 1 (pneumonia), got {np.unique(labels).tolist()}")
+    return np.concatenate(images), labels, np.concatenate(split)
+
+
+def _load_pneumoniamnist(
+    data_dir: Path, image_size: int | None, on_error: str, *, download: bool = True
+) -> ImageDataset:
+    """PneumoniaMNIST (Yang et al., Sci Data 2023) from the MedMNIST npz, official train/val/test split.
+
+    The file for ``image_size`` (28 default; 64, 128, 224) is looked up in ``<data_dir>/pneumoniamnist/`` and
+    ``<data_dir>/``, else downloaded into ``<data_dir>/pneumoniamnist/`` and md5-checked. A size with no
+    official file (e.g. 32), or an official size that is neither present nor downloadable while a larger
+    one is present, is resized from the smallest larger file with a warning. Sizes above 224 are an error.
+    """
+    size = image_size or 28
+    if size > max(PNEUMONIAMNIST_MD5):
+        raise DataError(f"pneumoniamnist: no release larger than {max(PNEUMONIAMNIST_MD5)} px (asked {size})")
+    source_sizes = [candidate for candidate in sorted(PNEUMONIAMNIST_MD5) if candidate >= size]
+    searched = [path for candidate in source_sizes for path in _pneumoniamnist_candidates(data_dir, candidate)]
+    local = {candidate: next((p for p in _pneumoniamnist_candidates(data_dir, candidate) if p.is_file()), None)
+             for candidate in source_sizes}
+    source, path, problem = source_sizes[0], local[source_sizes[0]], "downloading disabled (download=False)"
+    if path is None and download:
+        target = _pneumoniamnist_candidates(data_dir, source)[0]
+        try:
+            _download_file(MEDMNIST_URL.format(file=target.name), target, PNEUMONIAMNIST_MD5[source])
+            path = target
+        except (OSError, DataError) as err:
+            problem = f"download failed: {type(err).__name__}: {err}"
+    if path is None:
+        source, path = next(((s, p) for s, p in local.items() if p is not None), (source, None))
+    if path is None:
+        raise DataError(
+            f"pneumoniamnist: no {size} px file found ({problem}). Searched: {', '.join(map(str, searched))}. "
+            f"Fetch {MEDMNIST_URL.format(file=_pneumoniamnist_candidates(data_dir, source)[0].name)} "
+            f"(md5 {PNEUMONIAMNIST_MD5[source]}) on a machine with internet, put it in <data>/pneumoniamnist/ "
+            f"and point chestssl at <data> with --data-dir or CHESTSSL_DATA"
+        )
+    images, labels, split = _read_medmnist(path, source)
+    if source != size:
+        reason = problem if size in PNEUMONIAMNIST_MD5 else "no official release of that size"
+        logger.warning(
+            "pneumoniamnist: no %d px file (%s); resizing the %d px images of %s", size, reason, source, path
+        )
+        images = np.stack([resize_image(image[0], size) for image in images])[:, None]
+    return ImageDataset(
+        images=images, labels=labels, task="binary", class_names=("normal", "pneumonia"), split=split,
+        patient_ids=None, name=f"pneumoniamnist-{size}",
+    )
+
+
+def _read_csv(csv_path: Path, required: list[str]) -> tuple[list[dict[str, str]], bytes]:
+    """Rows of a labels CSV (as str dicts) and its raw bytes; DataError when absent, empty or incomplete."""
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: labels CSV does not exist")
+    raw = csv_path.read_bytes()
+    try:
+        reader = csv.DictReader(io.StringIO(raw.decode("utf-8-sig")))
+        rows = [{key: (value or "").strip() for key, value in row.items() if key is not None} for row in reader]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{csv_path}: not a readable UTF-8 CSV ({err})") from err
+    if not rows:
+        raise DataError(f"{csv_path}: labels CSV is empty (a header and at least one row are needed)")
+    missing = [column for column in required if column not in (reader.fieldnames or [])]
+    if missing:
+        raise DataError(f"{csv_path}: missing required column(s) {missing}; it has {reader.fieldnames}")
+    return rows, raw
+
+
+def _class_labels(
+    csv_path: Path, values: list[str], class_names: tuple[str, ...] | None
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Class indices (N,) from names or integers; "" or "-1" mean unlabelled (-1)."""
+    given = [value for value in values if value not in ("", "-1")]
+    if class_names is None:
+        if all(value.lstrip("-").isdigit() for value in given):
+            class_names = tuple(str(index) for index in range(max((int(v) for v in given), default=-1) + 1))
+        else:
+            class_names = tuple(sorted(set(given)))
+    lookup = {str(index): index for index in range(len(class_names))}
+    lookup.update({name: index for index, name in enumerate(class_names)})  # a name wins over an index
+    unknown = [(row + 2, value) for row, value in enumerate(values) if value not in ("", "-1") and value not in lookup]
+    if unknown:
+        shown = ", ".join(f"line {line}: {value!r}" for line, value in unknown[:5])
+        raise DataError(f"{csv_path}: {len(unknown)} label(s) not in class_names {list(class_names)} ({shown})")
+    labels = np.array([lookup.get(value, -1) for value in values], dtype=np.int64)
+    return labels, tuple(class_names)
+
+
+def _multilabel(csv_path: Path, rows: list[dict[str, str]], columns: list[str]) -> np.ndarray:
+    """Multi-hot labels (N, K) from 0/1 columns; "" or "-1" mean unknown (-1)."""
+    codes = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "": -1, "-1": -1}
+    bad = [
+        (line, column, row[column]) for line, row in enumerate(rows, 2) for column in columns
+        if row[column] not in codes
+    ]
+    if bad:
+        shown = ", ".join(f"line {line} {column}={value!r}" for line, column, value in bad[:5])
+        raise DataError(f"{csv_path}: {len(bad)} label value(s) that are not 0/1 ({shown})")
+    return np.array([[codes[row[column]] for column in columns] for row in rows], dtype=np.int64)
+
+
+def _splits(csv_path: Path, rows: list[dict[str, str]]) -> np.ndarray:
+    values = [row.get("split", "").lower() for row in rows]
+    unknown = sorted({value for value in values if value not in SPLIT_ALIASES})
+    if unknown:
+        raise DataError(f"{csv_path}: unknown split value(s) {unknown}; use train, val, test or leave empty")
+    return np.array([SPLIT_ALIASES[value] for value in values], dtype=str)
+
+
+def _evenly_spaced(count: int, limit: int | None) -> np.ndarray:
+    """Row indices: all, or ``limit`` rows spread evenly over the table (deterministic)."""
+    if limit is None or limit >= count:
+        return np.arange(count)
+    return np.unique(np.linspace(0, count - 1, max(int(limit), 1)).round().astype(np.int64))
+
+
+def _hashed_patient_ids(paths: list[Path], salt: str) -> np.ndarray:
+    """First 16 hex digits of SHA-256(salt + PatientID) from each DICOM header; the raw ID never leaves here."""
+    hashed = []
+    for path in paths:
+        header = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["PatientID"])
+        patient = str(header.get("PatientID", "") or "")
+        if not patient:
+            logger.warning("%s: no PatientID in the header; it is treated as its own patient", path)
+            patient = f"missing:{path}"
+        hashed.append(hashlib.sha256(f"{salt}\0{patient}".encode()).hexdigest()[:16])
+    return np.array(hashed, dtype=str)
+
+
+def _decode_table(
+    name: str, root: Path, fingerprint: bytes, relative_paths: list[str], image_size: int, on_error: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Check that the files exist, then decode them through the cache: images (N_kept, 1, S, S), kept (N_kept,)."""
+    paths = [root / relative for relative in relative_paths]
+    digest = hashlib.sha256(f"{name}\0{image_size}\0{root.resolve()}\0".encode() + fingerprint)
+    present, missing = [], []
+    for index, path in enumerate(paths):
+        try:
+            stat = os.stat(path)
+        except OSError:
+            missing.append(index)
+            continue
+        present.append(index)
+        digest.update(f"\0{relative_paths[index]}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    if missing:
+        shown = ", ".join(str(paths[index]) for index in missing[:5])
+        message = f"{name}: {len(missing)} of {len(paths)} listed file(s) do not exist under {root}: {shown}"
+        if on_error == "raise" or not present:
+            raise DataError(message + (" ..." if len(missing) > 5 else ""))
+        logger.warning("%s; skipping them", message)
+    cache_file = cache_dir() / f"{name}-{image_size}px-{digest.hexdigest()[:24]}.npz"
+    images, kept = read_xrays([paths[index] for index in present], image_size, on_error, cache_file)
+    return images[:, None], np.asarray(present, dtype=np.int64)[kept]
+
+
+def _load_table(
+    name: str, root: Path, csv_path: Path, image_size: int, on_error: str, *, label_column: str | None = "label",
+    label_columns: list[str] | None = None, class_names: tuple[str, ...] | None = None,
+    patient_column: str = "patient_id", limit: int | None = None,
+) -> tuple[ImageDataset, list[Path]]:
+    """Load a labels CSV (path relative to ``root``, label(s), optional split/patient column) with its images."""
+    required = ["path"] + (list(label_columns) if label_columns else [label_column] if label_column else [])
+    rows, raw = _read_csv(csv_path, required)
+    rows = [rows[index] for index in _evenly_spaced(len(rows), limit)]
+    if label_columns:
+        labels, task = _multilabel(csv_path, rows, list(label_columns)), "multilabel"
+        class_names = tuple(class_names or label_columns)
+    else:
+        labels, class_names = _class_labels(csv_path, [row.get(label_column or "", "") for row in rows], class_names)
+        task = "binary" if len(class_names) == 2 else "multiclass"
+    split = _splits(csv_path, rows)  # every CSV problem is reported before any image is decoded
+    has_patients = patient_column in rows[0]
+    patients = np.array([row[patient_column] for row in rows], dtype=str) if has_patients else None
+    images, kept = _decode_table(name, root, raw, [row["path"] for row in rows], image_size, on_error)
+    dataset = ImageDataset(
+        images=images, labels=labels[kept], task=task, class_names=class_names, split=split[kept],
+        patient_ids=None if patients is None else patients[kept], name=name,
+    )
+    return dataset, [root / rows[index]["path"] for index in kept]
+
+
+def _load_kermany(data_dir: Path, image_size: int | None, on_error: str, *, limit: int | None = None) -> ImageDataset:
+    """Kermany pediatric pneumonia X-rays (``kermany-224/``): official train/test split, no val; patient_key ids.
+
+    The Kermany test split is the PneumoniaMNIST test set: never pretrain on it.
+    """
+    root = data_dir / "kermany-224"
+    dataset, _ = _load_table(
+        "kermany", root, root / "labels.csv", image_size or 224, on_error,
+        class_names=("normal", "pneumonia"), patient_column="patient_key", limit=limit,
+    )
+    return dataset
+
+
+def _load_nih(data_dir: Path, image_size: int | None, on_error: str, *, limit: int | None = None) -> ImageDataset:
+    """NIH ChestX-ray14 subset (``nih-cxr14-64/``): 14 findings, multi-hot (N, 14); "No Finding" is all zeros.
+
+    The uploader's train/valid/test folders are not patient-level (some patients span them), so ``split`` is ""
+    for every image: make a patient-level split from ``patient_ids`` instead.
+    """
+    root = data_dir / "nih-cxr14-64"
+    csv_path = root / "labels.csv"
+    rows, raw = _read_csv(csv_path, ["path", "finding_labels", "patient_id"])
+    rows = [rows[index] for index in _evenly_spaced(len(rows), limit)]
+    labels = np.zeros((len(rows), len(NIH_FINDINGS)), dtype=np.int64)
+    for line, row in enumerate(rows):
+        findings = [finding for finding in row["finding_labels"].split("|") if finding and finding != "No Finding"]
+        unknown = [finding for finding in findings if finding not in NIH_FINDINGS]
+        if unknown:
+            raise DataError(f"{csv_path}: unknown finding(s) {unknown} for {row['path']}")
+        labels[line, [NIH_FINDINGS.index(finding) for finding in findings]] = 1
+    images, kept = _decode_table("nih-cxr14", root, raw, [row["path"] for row in rows], image_size or 64, on_error)
+    patients = np.array([row["patient_id"] for row in rows], dtype=str)
+    return ImageDataset(
+        images=images, labels=labels[kept], task="multilabel", class_names=NIH_FINDINGS,
+        split=np.full(len(kept), "", dtype=str), patient_ids=patients[kept], name="nih-cxr14",
+    )
+
+
+def _user_root(root: str | os.PathLike | None, name: str) -> Path:
+    if root is None:
+        raise DataError(f"{name}: option root=FOLDER is required (the folder the CSV paths are relative to)")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{name}: root folder {root} does not exist")
+    return root
+
+
+def _load_folder(
+    data_dir: Path, image_size: int | None, on_error: str, *, root: str | os.PathLike | None = None,
+    labels_csv: str | os.PathLike | None = None, label_columns: list[str] | None = None,
+    class_names: list[str] | None = None, limit: int | None = None,
+) -> ImageDataset:
+    """User images listed in a CSV: ``path`` (relative to ``root``) and ``label`` (name or integer), or 0/1
+    ``label_columns`` for multilabel; optional ``patient_id`` and ``split``. Class names default to the sorted
+    unique label names (or 0..max for integer labels). ``image_size`` defaults to 224."""
+    folder = _user_root(root, "folder")
+    csv_path = Path(labels_csv).expanduser() if labels_csv else folder / "labels.csv"
+    dataset, _ = _load_table(
+        "folder", folder, csv_path, image_size or 224, on_error, label_columns=label_columns,
+        class_names=tuple(class_names) if class_names else None, limit=limit,
+    )
+    return dataset
+
+
+def _load_dicom(
+    data_dir: Path, image_size: int | None, on_error: str, *, root: str | os.PathLike | None = None,
+    labels_csv: str | os.PathLike | None = None, label_columns: list[str] | None = None,
+    class_names: list[str] | None = None, limit: int | None = None, patient_id_from_header: bool = False,
+    patient_id_salt: str = DEFAULT_PATIENT_SALT,
+) -> ImageDataset:
+    """Chest X-ray DICOMs: the ``folder`` CSV contract, or with no CSV every DICOM under ``root`` (labels -1).
+
+    Patient ids come from the CSV's ``patient_id`` column; with ``patient_id_from_header=True`` they are the
+    first 16 hex digits of SHA-256(``patient_id_salt`` + header PatientID) instead, never the raw ID. The
+    default salt is public (reproducible across machines); set a secret one before sharing derived files.
+    """
+    folder = _user_root(root, "dicom")
+    csv_path = Path(labels_csv).expanduser() if labels_csv else folder / "labels.csv"
+    if labels_csv or csv_path.is_file():
+        dataset, paths = _load_table(
+            "dicom", folder, csv_path, image_size or 224, on_error, label_columns=label_columns,
+            class_names=tuple(class_names) if class_names else None, limit=limit,
+        )
+    else:
+        found = sorted(path for path in folder.rglob("*") if path.is_file() and is_dicom(path))
+        found = [found[index] for index in _evenly_spaced(len(found), limit)]
+        if not found:
+            raise DataError(f"dicom: no labels.csv and no DICOM files under {folder}")
+        relative = [str(path.relative_to(folder)) for path in found]
+        listing = "\n".join(relative).encode()  # stands in for the CSV bytes in the cache key
+        images, kept = _decode_table("dicom", folder, listing, relative, image_size or 224, on_error)
+        paths = [found[index] for index in kept]
+        dataset = ImageDataset(
+            images=images, labels=np.full(len(kept), -1, dtype=np.int64), task="binary",
+            class_names=tuple(class_names or ()), split=np.full(len(kept), "", dtype=str), patient_ids=None,
+            name="dicom",
+        )
+    if not patient_id_from_header:
+        return dataset
+    return ImageDataset(
+        images=dataset.images, labels=dataset.labels, task=dataset.task, class_names=dataset.class_names,
+        split=dataset.split, patient_ids=_hashed_patient_ids(paths, patient_id_salt), name=dataset.name,
+    )
+
+
+DATASETS = {
+    "pneumoniamnist": _load_pneumoniamnist,
+    "kermany": _load_kermany,
+    "nih-cxr14": _load_nih,
+    "folder": _load_folder,
+    "dicom": _load_dicom,
+}
+
+
+def load_dataset(
+    name: str, data_dir: str | os.PathLike | None = None, image_size: int | None = None, on_error: str = "raise",
+    **options: object,
+) -> ImageDataset:
+    """Load a named dataset as images (N, 1, S, S) uint8 with its labels, split and patient ids.
+
+    Args:
+        name: one of ``DATASETS``.
+        data_dir: folder holding the datasets; see :func:`~chestssl.data.paths.resolve_data_dir`.
+        image_size: side S; default 28 (pneumoniamnist), 64 (nih-cxr14), else 224.
+        on_error: "raise" stops at the first unreadable file; "skip" warns per bad file, drops it and
+            reports the count.
+        **options: loader options, e.g. ``root``, ``labels_csv``, ``label_columns``, ``class_names``,
+            ``limit`` (rows spread evenly over the CSV), ``patient_id_from_header``, ``download``.
+
+    Raises:
+        ValueError: an unknown name, ``on_error`` value or option.
+        DataError: missing or bad files; the message names the file and the problem.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if image_size is not None and int(image_size) <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    loader = DATASETS[name]
+    accepted = [p.name for p in inspect.signature(loader).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"dataset {name!r} takes no option(s) {unknown}; its options are {accepted}")
+    dataset = loader(resolve_data_dir(data_dir), image_size, on_error, **options)
+    logger.info("loaded %s: %d images of %s px, task %s", name, len(dataset), dataset.images.shape[2:], dataset.task)
+    return dataset

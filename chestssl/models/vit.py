@@ -1,0 +1,163 @@
+"""Vision Transformer for 2D images and 3D volumes, with a forward over a chosen subset of tokens.
+
+Legend: ``B`` batch, ``C`` channels, ``S`` spatial (H, W) or (D, H, W), ``L`` patch tokens, ``D`` width.
+Dosovitskiy et al. 2021 (ViT); the visible-token encoder follows He et al. 2022 (MAE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from math import prod
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chestssl.models.patches import grid_size
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Architecture of a :class:`ViT`; stored with every encoder checkpoint."""
+
+    spatial_dims: int = 2
+    image_size: int = 28
+    patch_size: int = 4
+    in_channels: int = 1
+    hidden_size: int = 192
+    depth: int = 12
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sincos_position_embedding(grid: tuple[int, ...], width: int) -> torch.Tensor:
+    """Fixed N-d sine-cosine position embedding, (prod(grid), width); each axis gets an equal share."""
+    dims = len(grid)
+    per_axis = 2 * (width // (2 * dims))
+    if per_axis == 0:
+        raise ValueError(f"hidden size {width} is too small for a {dims}-d position embedding")
+    omega = 1.0 / 10000 ** (np.arange(per_axis // 2, dtype=np.float64) / (per_axis / 2))
+    coords = np.meshgrid(*[np.arange(g, dtype=np.float64) for g in grid], indexing="ij")
+    parts = []
+    for axis in coords:
+        angles = axis.reshape(-1, 1) * omega.reshape(1, -1)  # (L, per_axis / 2)
+        parts += [np.sin(angles), np.cos(angles)]
+    embedding = np.concatenate(parts, axis=1)
+    pad = width - embedding.shape[1]
+    embedding = np.pad(embedding, ((0, 0), (0, pad)))
+    return torch.from_numpy(embedding).float()
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (Huang et al. 2016)."""
+
+    def __init__(self, probability: float = 0.0) -> None:
+        super().__init__()
+        self.probability = probability
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.probability == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.probability
+        noise = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * noise / keep
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"hidden size {width} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.drop_path = DropPath(drop_path)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        # (B, L, 3D) -> (3, B, heads, L, D / heads)
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attention(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ViT(nn.Module):
+    """ViT encoder for ``spatial_dims`` 2 or 3 with a class token and fixed sin-cos positions.
+
+    ``forward_features(x, visible)`` runs the transformer only on the tokens where ``visible`` is True,
+    which is what makes MAE pretraining cheap: at 75% masking the encoder sees a quarter of the tokens.
+    """
+
+    def __init__(self, config: ViTConfig, drop_path: float = 0.0) -> None:
+        super().__init__()
+        if config.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {config.spatial_dims}")
+        self.config = config
+        self.grid = grid_size([config.image_size] * config.spatial_dims, config.patch_size)
+        self.num_tokens = prod(self.grid)
+        conv = nn.Conv2d if config.spatial_dims == 2 else nn.Conv3d
+        width = config.hidden_size
+        self.patch_embed = conv(config.in_channels, width, kernel_size=config.patch_size, stride=config.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.register_buffer("pos_embed", sincos_position_embedding(self.grid, width).unsqueeze(0), persistent=False)
+        rates = np.linspace(0, drop_path, config.depth).tolist()
+        self.blocks = nn.ModuleList(Block(width, config.num_heads, config.mlp_ratio, rate) for rate in rates)
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """MAE initialisation: xavier for linear layers and the patch projection, small normal for the cls token."""
+        weight = self.patch_embed.weight.data
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        for module in self.blocks.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, *S) -> (B, L, D) patch tokens with position embedding, without the class token."""
+        expected = (self.config.in_channels,) + (self.config.image_size,) * self.config.spatial_dims
+        if tuple(x.shape[1:]) != expected:
+            raise ValueError(f"ViT expects inputs of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, D, *G) -> (B, L, D)
+        return tokens + self.pos_embed
+
+    def forward_features(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode; returns (B, 1 + L_visible, D) with the class token first, after the final norm.
+
+        Args:
+            x: (B, C, *S) input.
+            visible: optional bool (B, L), True where a token is kept; every row must keep the same count.
+        """
+        tokens = self.embed(x)
+        if visible is not None:
+            batch, _, width = tokens.shape
+            tokens = tokens[visible].reshape(batch, -1, width)  # (B, L_visible, D), grid order kept
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        tokens = torch.cat([cls, tokens], dim=1)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, D): mean of the patch tokens (MAE fine-tuning uses global pooling)."""
+        return self.forward_features(x)[:, 1:].mean(dim=1)
+
+    @property
+    def feature_size(self) -> int:
+        return self.config.hidden_size

@@ -1,0 +1,161 @@
+"""Checkpoints as safetensors plus JSON metadata: no pickle, so loading a file never executes code.
+
+A training checkpoint holds the method's weights, the optimiser state and the loop position; an encoder file
+holds only the encoder's weights with its architecture and the preprocessing its inputs went through
+(SparK/MAE hand-off: fine-tuning refuses an encoder whose preprocessing does not match its data).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from chestssl.errors import CheckpointError
+
+FORMAT = "chestssl-checkpoint-1"
+ENCODER_FORMAT = "chestssl-encoder-1"
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, Any], path: str | Path) -> None:
+    """Write tensors and JSON metadata to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata={"chestssl": json.dumps(metadata)})
+        with open(temporary, "rb") as stream:
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata of a chestssl safetensors file; CheckpointError if missing or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get("chestssl")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file: {error}") from error
+    if raw is None:
+        raise CheckpointError(f"{path} is a safetensors file without chestssl metadata; it was not written by chestssl")
+    try:
+        metadata = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"checkpoint {path} has unreadable metadata: {error}") from error
+    return tensors, metadata
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = tensor
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_training_state(
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: dict[str, Any], identity: dict[str, Any]
+) -> None:
+    """Save weights, optimiser state and ``progress`` (epoch, step, best score...) for an exact resume.
+
+    ``identity`` (architecture and config) is checked on resume so a run never continues from another's state.
+    """
+    tensors = {f"model.{name}": value for name, value in model.state_dict().items()}
+    optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer)
+    tensors.update(optimizer_tensors)
+    atomic_save(tensors, {"format": FORMAT, "identity": identity, "progress": progress, "optimizer": optimizer_meta}, path)
+
+
+def load_training_state(
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, identity: dict[str, Any]
+) -> dict[str, Any]:
+    """Restore what :func:`save_training_state` wrote; returns ``progress``."""
+    tensors, meta = read(path)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a chestssl training checkpoint (format {meta.get('format')!r})")
+    if meta["identity"] != identity:
+        raise CheckpointError(
+            f"{path} was written by a run with another architecture or config; refusing to resume. "
+            f"checkpoint: {json.dumps(meta['identity'], sort_keys=True)}; this run: {json.dumps(identity, sort_keys=True)}"
+        )
+    model_state = {name[len("model."):]: value for name, value in tensors.items() if name.startswith("model.")}
+    load_weights(model, model_state, str(path))
+    optimizer_tensors = {name: value for name, value in tensors.items() if name.startswith("optimizer.")}
+    optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, meta["optimizer"]))
+    return meta["progress"]
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load exactly matching weights; CheckpointError listing missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"{source} does not fit this model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, shape mismatch {shapes[:5]}"
+        )
+    model.load_state_dict(state)
+
+
+def save_encoder(path: str | Path, encoder: torch.nn.Module, architecture: dict[str, Any], preprocessing: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """Hand the encoder on: weights plus architecture and the preprocessing of its inputs."""
+    metadata = {"format": ENCODER_FORMAT, "architecture": architecture, "preprocessing": preprocessing, **(extra or {})}
+    atomic_save(encoder.state_dict(), metadata, path)
+    Path(path).with_suffix(".json").write_text(json.dumps(metadata, indent=2))
+
+
+def read_encoder(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights and metadata of an encoder file; CheckpointError if it is not one."""
+    tensors, meta = read(path)
+    if meta.get("format") != ENCODER_FORMAT:
+        raise CheckpointError(f"{path} is not a chestssl encoder file (format {meta.get('format')!r})")
+    return tensors, meta
+
+
+def check_preprocessing(encoder_path: str | Path, expected: dict[str, Any], actual: dict[str, Any]) -> None:
+    """Refuse an encoder whose recorded preprocessing differs from the data's, naming each difference."""
+    differences = [
+        f"{key}: encoder {expected.get(key)!r} vs data {actual.get(key)!r}"
+        for key in sorted(set(expected) | set(actual))
+        if expected.get(key) != actual.get(key)
+    ]
+    if differences:
+        raise CheckpointError(
+            f"encoder {encoder_path} was pretrained on inputs prepared differently from this data ("
+            + "; ".join(differences)
+            + "). Prepare the data the same way (e.g. image_size) or pretrain an encoder for it."
+        )

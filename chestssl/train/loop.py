@@ -1,0 +1,161 @@
+"""The one training loop, shared by pretraining and fine-tuning (nanoGPT ``train.py``; MAE ``engine_pretrain``).
+
+Per-iteration learning rate, a stop on a non-finite loss, autocast only on GPU, periodic atomic checkpoints,
+``metrics.jsonl`` in the run directory, and an exact resume: every epoch's randomness is derived from
+``(seed, epoch)``, so a run restarted from its last checkpoint continues as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from chestssl.errors import ChestSSLError
+from chestssl.train.checkpoint import load_training_state, save_training_state
+from chestssl.train.distributed import Context, barrier, mean_across
+from chestssl.train.optim import cosine_schedule, set_learning_rate
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+
+
+class NonFiniteLossError(ChestSSLError, RuntimeError):
+    """The loss became NaN or infinite; the last checkpoint is kept for a resume with other settings."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long and how fast: ``epochs`` of ``steps_per_epoch``, base ``lr``, warm-up, cosine to ``min_lr_ratio``."""
+
+    epochs: int
+    steps_per_epoch: int
+    lr: float
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 0.0
+
+
+def seed_everything(seed: int, epoch: int, rank: int) -> None:
+    """Seed the global torch/numpy generators for one epoch (dropout, drop-path and mask draws use them)."""
+    state = np.random.SeedSequence([seed, epoch, 1000 + rank]).generate_state(1)[0]
+    torch.manual_seed(int(state))
+    np.random.seed(int(state) % (2**32))
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as stream:
+        stream.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, start_epoch: int) -> None:
+    """Drop records of epochs a resumed run will redo, so metrics.jsonl holds each epoch once."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("epoch", -1) < start_epoch]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Callable[[int], Iterable[Any]],
+    schedule: Schedule,
+    context: Context,
+    run_dir: Path,
+    seed: int,
+    identity: dict[str, Any],
+    checkpoint_every: int = 1,
+    on_epoch_end: Callable[[int], dict[str, Any]] | None = None,
+    state: dict[str, Any] | None = None,
+    description: str = "train",
+) -> dict[str, Any]:
+    """Train ``model`` whose ``forward(batch)`` returns a scalar loss.
+
+    Args:
+        model: the method (MAE, classifier...) to train; wrapped in DDP here when the run is distributed.
+        optimizer: built on ``model``'s parameters, groups may carry an ``lr_scale``.
+        batches: ``epoch -> iterable of batches`` for this process.
+        schedule: epochs, steps and learning-rate schedule.
+        context: rank, world size and device (``chestssl.train.distributed.setup``).
+        run_dir: where ``checkpoint.safetensors`` and ``metrics.jsonl`` are written.
+        seed: the run's seed.
+        identity: architecture and config; a checkpoint from a run with another identity is refused.
+        checkpoint_every: epochs between checkpoints (the last epoch always writes one).
+        on_epoch_end: called on every rank after each epoch with the epoch index; returns metrics to log.
+        state: a JSON-able dict the caller keeps across epochs (e.g. best score); saved in checkpoints.
+
+    Returns:
+        The final ``state`` dict, with ``epoch`` and ``step`` filled in.
+    """
+    run_dir = Path(run_dir)
+    checkpoint = run_dir / CHECKPOINT_NAME
+    metrics_path = run_dir / "metrics.jsonl"
+    state = state if state is not None else {}
+    start_epoch = 0
+    if checkpoint.exists():
+        progress = load_training_state(checkpoint, model, optimizer, identity)
+        start_epoch = progress["epoch"]
+        state.update(progress.get("state", {}))
+        log.info("resumed from %s at epoch %d", checkpoint, start_epoch)
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, start_epoch)
+
+    trained = DistributedDataParallel(model) if context.distributed else model
+    total_steps = schedule.epochs * schedule.steps_per_epoch
+    warmup_steps = int(schedule.warmup_epochs * schedule.steps_per_epoch)
+    use_autocast = context.device.type == "cuda"
+    bar = tqdm(total=total_steps, initial=start_epoch * schedule.steps_per_epoch, desc=description,
+               disable=not context.is_main, dynamic_ncols=True, mininterval=2.0)
+    for epoch in range(start_epoch, schedule.epochs):
+        seed_everything(seed, epoch, context.rank)
+        trained.train()
+        started, losses = time.perf_counter(), []
+        for index, batch in enumerate(batches(epoch)):
+            step = epoch * schedule.steps_per_epoch + index
+            lr = set_learning_rate(optimizer, schedule.lr, cosine_schedule(step, total_steps, warmup_steps, schedule.min_lr_ratio))
+            with torch.autocast(device_type=context.device.type, dtype=torch.bfloat16, enabled=use_autocast):
+                loss = trained(batch)
+            if not math.isfinite(loss.item()):
+                raise NonFiniteLossError(
+                    f"loss is {loss.item()} at epoch {epoch} step {step}; the last checkpoint in {run_dir} is kept "
+                    "(resume with a lower learning rate or check the input data)"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if schedule.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.grad_clip)
+            optimizer.step()
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}", refresh=False)
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "step": (epoch + 1) * schedule.steps_per_epoch,
+            "train_loss": mean_across(float(np.mean(losses)) if losses else float("nan"), context),
+            "lr": lr if losses else None,
+            "epoch_seconds": round(time.perf_counter() - started, 3),
+        }
+        if on_epoch_end is not None:
+            record.update(on_epoch_end(epoch))
+        if context.is_main:
+            _append_jsonl(metrics_path, record)
+            if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == schedule.epochs:
+                save_training_state(checkpoint, model, optimizer, {"epoch": epoch + 1, "state": state}, identity)
+        barrier(context)
+    bar.close()
+    state.update(epoch=schedule.epochs, step=total_steps)
+    return state

@@ -1,0 +1,79 @@
+import json
+
+import pytest
+import torch
+
+from chestssl.errors import CheckpointError
+from chestssl.models.vit import ViT, ViTConfig
+from chestssl.train.checkpoint import (
+    check_preprocessing,
+    load_training_state,
+    load_weights,
+    read_encoder,
+    save_encoder,
+    save_training_state,
+)
+from chestssl.train.finetune import FinetuneConfig, build_encoder
+
+SMALL = ViTConfig(image_size=16, patch_size=4, hidden_size=32, depth=1, num_heads=2)
+PREPROCESSING = FinetuneConfig(image_size=16).preprocessing()
+
+
+def test_training_state_round_trip(tmp_path):
+    model = ViT(SMALL)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 1, 16, 16)).sum().backward()
+    optimizer.step()
+    save_training_state(tmp_path / "c.safetensors", model, optimizer, {"epoch": 3}, {"arch": "a"})
+    restored = ViT(SMALL)
+    restored_optimizer = torch.optim.AdamW(restored.parameters(), lr=1e-3)
+    progress = load_training_state(tmp_path / "c.safetensors", restored, restored_optimizer, {"arch": "a"})
+    assert progress == {"epoch": 3}
+    for a, b in zip(model.state_dict().values(), restored.state_dict().values()):
+        assert torch.equal(a, b)
+    state = restored_optimizer.state_dict()["state"][0]
+    assert torch.equal(state["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    with pytest.raises(CheckpointError, match="another architecture or config"):
+        load_training_state(tmp_path / "c.safetensors", restored, restored_optimizer, {"arch": "b"})
+
+
+def test_checkpoint_files_are_safetensors_not_pickle(tmp_path):
+    save_encoder(tmp_path / "e.safetensors", ViT(SMALL), {"name": "vit", **SMALL.to_dict()}, PREPROCESSING)
+    header_length = int.from_bytes((tmp_path / "e.safetensors").read_bytes()[:8], "little")
+    header = json.loads((tmp_path / "e.safetensors").read_bytes()[8 : 8 + header_length])
+    assert "__metadata__" in header and "pos_embed" not in header  # fixed buffers are not weights
+    assert json.loads((tmp_path / "e.json").read_text())["preprocessing"]["image_size"] == 16
+
+
+def test_corrupted_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "e.safetensors"
+    save_encoder(path, ViT(SMALL), {"name": "vit", **SMALL.to_dict()}, PREPROCESSING)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        read_encoder(path)
+    (tmp_path / "x.pt").write_bytes(b"\x80\x04not a safetensors file")
+    with pytest.raises(CheckpointError, match=r"x\.pt"):
+        read_encoder(tmp_path / "x.pt")
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    path = tmp_path / "e.safetensors"
+    save_encoder(path, ViT(SMALL), {"name": "vit", **SMALL.to_dict()}, PREPROCESSING)
+    tensors, _ = read_encoder(path)
+    other = ViT(ViTConfig(image_size=16, patch_size=4, hidden_size=48, depth=1, num_heads=2))
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        load_weights(other, tensors, str(path))
+    deeper = ViT(ViTConfig(image_size=16, patch_size=4, hidden_size=32, depth=2, num_heads=2))
+    with pytest.raises(CheckpointError, match="missing"):
+        load_weights(deeper, tensors, str(path))
+
+
+def test_finetuning_refuses_an_encoder_with_other_preprocessing(tmp_path):
+    path = tmp_path / "e.safetensors"
+    save_encoder(path, ViT(SMALL), {"name": "vit", **SMALL.to_dict()}, PREPROCESSING)
+    encoder, depth, source = build_encoder(FinetuneConfig(image_size=16, encoder=str(path)))
+    assert depth == 1 and source.endswith("e.safetensors")
+    with pytest.raises(CheckpointError, match="image_size: encoder 16 vs data 28"):
+        build_encoder(FinetuneConfig(image_size=28, encoder=str(path)))
+    with pytest.raises(CheckpointError, match="normalisation"):
+        check_preprocessing(path, PREPROCESSING, FinetuneConfig(image_size=16, normalisation_std=0.5).preprocessing())

@@ -1,0 +1,57 @@
+"""An interrupted run resumed from its last checkpoint ends in the same state as an uninterrupted run."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from chestssl.data.augment import AugmentConfig
+from chestssl.data.batches import Batches, Normalisation
+from chestssl.methods.mae import MAE
+from chestssl.models.vit import ViT, ViTConfig
+from chestssl.train.distributed import Context
+from chestssl.train.loop import Schedule, fit
+
+
+class Interrupted(Exception):
+    pass
+
+
+class Step(torch.nn.Module):
+    def __init__(self, mae):
+        super().__init__()
+        self.mae = mae
+
+    def forward(self, batch):
+        return self.mae(batch[0])
+
+
+def run(run_dir: Path, stop_after_epoch: int | None = None) -> dict:
+    torch.manual_seed(0)
+    images = np.random.default_rng(0).integers(0, 255, size=(40, 1, 16, 16), dtype=np.uint8)
+    encoder = ViT(ViTConfig(image_size=16, patch_size=4, hidden_size=32, depth=1, num_heads=2), drop_path=0.1)
+    model = Step(MAE(encoder, 32, 1, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = Batches(images, None, 16, Normalisation(), AugmentConfig(), shuffle=True, drop_last=True)
+    schedule = Schedule(epochs=4, steps_per_epoch=len(batches), lr=1e-3, warmup_epochs=1)
+
+    def on_epoch_end(epoch):
+        if stop_after_epoch is not None and epoch == stop_after_epoch:
+            raise Interrupted
+        return {}
+
+    fit(model, optimizer, lambda e: batches.epoch(5, e), schedule, Context(0, 1, torch.device("cpu")), run_dir, 5,
+        {"test": 1}, checkpoint_every=1, on_epoch_end=on_epoch_end)
+    return model.state_dict()
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    straight = run(tmp_path / "straight")
+    with pytest.raises(Interrupted):
+        run(tmp_path / "resumed", stop_after_epoch=2)  # dies after epoch 1's checkpoint, during epoch 2's end
+    resumed = run(tmp_path / "resumed")
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [__import__("json").loads(line)["epoch"] for line in lines] == [0, 1, 2, 3]
