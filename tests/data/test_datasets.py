@@ -13,7 +13,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-import chestssl.data.datasets as datasets
+import chestssl.data.medmnist as medmnist
 from chestssl.data.datasets import DATASETS, NIH_FINDINGS, load_dataset
 from chestssl.data.paths import cache_dir, resolve_data_dir
 from chestssl.data.unlabelled import load_unlabelled
@@ -83,7 +83,7 @@ def test_pneumoniamnist_offline_names_searched_paths(tmp_path: Path, monkeypatch
     def offline(url: str, destination: Path, md5: str) -> None:
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(datasets, "_download_file", offline)
+    monkeypatch.setattr(medmnist, "_download_file", offline)
     with pytest.raises(DataError) as info:
         load_dataset("pneumoniamnist", tmp_path, image_size=64)
     message = str(info.value)

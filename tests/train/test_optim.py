@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from chestssl.models.vit import ViT, ViTConfig
 from chestssl.train.optim import cosine_schedule, param_groups, vit_layer_id
