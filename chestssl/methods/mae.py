@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from chestssl.methods.losses import masked_patch_loss, normalise_patches
+from chestssl.methods.losses import lung_patches, lung_weighted_l1, masked_patch_loss, normalise_patches
 from chestssl.methods.masking import random_mask
 from chestssl.models.patches import patchify, unpatchify
 from chestssl.models.vit import Block, ViT, sincos_position_embedding
@@ -46,7 +46,11 @@ class MAEDecoder(nn.Module):
 
 
 class MAE(nn.Module):
-    """ViT masked autoencoder; ``forward(x)`` returns the reconstruction loss on hidden patches."""
+    """ViT masked autoencoder; ``forward(x)`` returns the reconstruction loss on hidden patches.
+
+    With ``lung_weight`` set, ``forward(x, lung_mask=...)`` uses the lung-weighted L1 of Dack et al. 2025:
+    hidden patches that are mostly lung count fully, the others with weight ``lung_weight``.
+    """
 
     def __init__(
         self,
@@ -57,6 +61,9 @@ class MAE(nn.Module):
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = True,
         loss_kind: str = "mse",
+        lung_weight: float | None = None,
+        lung_threshold: float = 0.25,
+        lung_loss_normalise: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -64,6 +71,9 @@ class MAE(nn.Module):
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.loss_kind = loss_kind
+        self.lung_weight = lung_weight
+        self.lung_threshold = lung_threshold
+        self.lung_loss_normalise = lung_loss_normalise
 
     def make_mask(self, batch_size: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
         return random_mask(batch_size, self.encoder.num_tokens, self.mask_ratio, generator=generator, device=device)
@@ -75,17 +85,25 @@ class MAE(nn.Module):
     def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.decoder(latent, mask)
 
-    def forward_loss(self, x: torch.Tensor, prediction: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        target = patchify(x, self.encoder.config.patch_size)  # (B, L, P)
+    def forward_loss(self, x: torch.Tensor, prediction: torch.Tensor, mask: torch.Tensor,
+                     lung_mask: torch.Tensor | None = None) -> torch.Tensor:
+        patch_size = self.encoder.config.patch_size
+        target = patchify(x, patch_size)  # (B, L, P)
         if self.norm_pix_loss:
             target = normalise_patches(target)
+        if self.lung_weight is not None:
+            if lung_mask is None:
+                raise ValueError("this MAE uses the lung-weighted loss: pass the batch's lung_mask (B, 1, *S)")
+            is_lung = lung_patches(lung_mask, patch_size, self.lung_threshold)
+            return lung_weighted_l1(prediction.float(), target.float(), mask, is_lung, self.lung_weight, self.lung_loss_normalise)
         return masked_patch_loss(prediction.float(), target.float(), mask, self.loss_kind)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                lung_mask: torch.Tensor | None = None) -> torch.Tensor:
         if mask is None:
             mask = self.make_mask(x.shape[0], x.device, generator)
         prediction = self.forward_decoder(self.forward_encoder(x, mask), mask)
-        return self.forward_loss(x, prediction, mask)
+        return self.forward_loss(x, prediction, mask, lung_mask)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -37,3 +37,16 @@ def test_reconstruction_keeps_visible_patches():
     original = patchify(x, 4)
     assert torch.equal(rebuilt[~mask], original[~mask])
     assert not torch.allclose(rebuilt[mask], original[mask])
+
+
+def test_lung_weighted_mae_needs_and_uses_the_lung_mask():
+    torch.manual_seed(0)
+    encoder = ViT(ViTConfig(spatial_dims=3, image_size=16, patch_size=8, hidden_size=32, depth=1, num_heads=2))
+    mae = MAE(encoder, 32, 1, 2, norm_pix_loss=False, lung_weight=0.01)
+    x = torch.randn(2, 1, 16, 16, 16)
+    mask = random_mask(2, encoder.num_tokens, 0.5, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="lung_mask"):
+        mae(x, mask)
+    no_lung = mae(x, mask, lung_mask=torch.zeros(2, 1, 16, 16, 16))
+    all_lung = mae(x, mask, lung_mask=torch.ones(2, 1, 16, 16, 16))
+    assert torch.allclose(no_lung, 0.01 * all_lung, rtol=1e-4)  # the same patches, weighted 0.01 when not lung
