@@ -26,6 +26,12 @@ class Normalisation:
         return (images.float() / 255.0 - self.mean) / self.std
 
 
+def xray_preprocessing(image_size: int, normalisation: Normalisation) -> dict:
+    """How 2D X-ray inputs are made; recorded with an encoder and checked when fine-tuning it."""
+    return {"modality": "xray", "spatial_dims": 2, "image_size": image_size, "channels": 1, "pixels": "uint8 grayscale",
+            "normalisation": {"mean": normalisation.mean, "std": normalisation.std}}
+
+
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
     """A generator for one epoch of one random stream (order, augmentation, ...), independent of the others."""
     state = np.random.SeedSequence([seed, epoch, stream]).generate_state(2, dtype=np.uint32)

@@ -40,6 +40,7 @@ def resample(
     spacing_out: Sequence[float],
     order: str = "linear",
     shape_out: Sequence[int] | None = None,
+    fill_value: float = 0.0,
 ) -> np.ndarray:
     """Resample a (z, y, x) volume to a new voxel spacing with SimpleITK.
 
@@ -53,6 +54,8 @@ def resample(
         spacing_out: (z, y, x) spacing wanted, in mm.
         order: "nearest", "linear" or "bspline" for non-mask arrays.
         shape_out: output (z, y, x) shape; by default ``round(shape * spacing_in / spacing_out)``.
+        fill_value: value of output voxels beyond the input's last sample (use -1000 for HU: 0 HU would be
+            soft tissue; masks always get False).
 
     Returns:
         The resampled array: bool for a mask, the input dtype for "nearest", else float32.
@@ -72,7 +75,7 @@ def resample(
     origin_out = [(so - si) / 2 for si, so in zip(spacing_in[::-1], spacing_out[::-1])]
     out = sitk.Resample(
         image, [int(n) for n in shape_out[::-1]], sitk.Transform(), INTERPOLATORS[order],
-        origin_out, [float(s) for s in spacing_out[::-1]], image.GetDirection(), 0.0, image.GetPixelID(),
+        origin_out, [float(s) for s in spacing_out[::-1]], image.GetDirection(), 0.0 if is_mask else float(fill_value), image.GetPixelID(),
     )
     out_array = sitk.GetArrayFromImage(out)
     return out_array.astype(bool) if is_mask else out_array

@@ -45,7 +45,7 @@ def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         with np.load(path, allow_pickle=False) as archive:
             return archive["image"].astype(np.float32), archive["lung"].astype(bool)
     except (OSError, KeyError, ValueError) as error:
-        raise DataError(f"cached volume {path} is unreadable ({type(error).__name__}: {error}); delete it and re-run prepare-ct") from error
+        raise DataError(f"cached volume {path} is unreadable ({type(error).__name__}: {error}); delete it and re-run the step that wrote it (prepare-ct or a dataset builder)") from error
 
 
 def read_manifest(cache: str | Path) -> list[dict[str, str]]:

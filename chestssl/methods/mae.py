@@ -98,8 +98,15 @@ class MAE(nn.Module):
             return lung_weighted_l1(prediction.float(), target.float(), mask, is_lung, self.lung_weight, self.lung_loss_normalise)
         return masked_patch_loss(prediction.float(), target.float(), mask, self.loss_kind)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                lung_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, batch: torch.Tensor | tuple, mask: torch.Tensor | None = None,
+                generator: torch.Generator | None = None, lung_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Loss on hidden patches of ``batch``: images (B, C, *S), or a loader's ``(x, y[, lung_mask])`` tuple."""
+        if isinstance(batch, (tuple, list)):
+            x = batch[0]
+            if lung_mask is None and len(batch) > 2:
+                lung_mask = batch[2]
+        else:
+            x = batch
         if mask is None:
             mask = self.make_mask(x.shape[0], x.device, generator)
         prediction = self.forward_decoder(self.forward_encoder(x, mask), mask)

@@ -20,7 +20,7 @@ import torch
 
 from chestssl.config import save_config, to_dict
 from chestssl.data.augment import AugmentConfig
-from chestssl.data.batches import Batches, Normalisation
+from chestssl.data.batches import Batches, Normalisation, xray_preprocessing
 from chestssl.data.splits import label_fraction, load_splits
 from chestssl.data.types import ImageDataset
 from chestssl.models.heads import Classifier, class_weights, probabilities
@@ -88,8 +88,7 @@ class FinetuneConfig:
             raise ValueError("an encoder file is a pretrained ViT: set model=vit")
 
     def preprocessing(self) -> dict:
-        return {"modality": "xray", "spatial_dims": 2, "image_size": self.image_size, "channels": 1,
-                "pixels": "uint8 grayscale", "normalisation": {"mean": self.normalisation_mean, "std": self.normalisation_std}}
+        return xray_preprocessing(self.image_size, Normalisation(self.normalisation_mean, self.normalisation_std))
 
 
 def build_encoder(config: FinetuneConfig) -> tuple[torch.nn.Module, int, str]:

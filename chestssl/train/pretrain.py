@@ -10,7 +10,7 @@ import torch
 
 from chestssl.config import save_config, to_dict
 from chestssl.data.augment import AugmentConfig
-from chestssl.data.batches import Batches, Normalisation, epoch_generator
+from chestssl.data.batches import Batches, Normalisation, epoch_generator, xray_preprocessing
 from chestssl.methods.mae import MAE
 from chestssl.models.patches import patchify, unpatchify
 from chestssl.models.vit import ViT, ViTConfig
@@ -65,8 +65,7 @@ class PretrainConfig:
 
     def preprocessing(self) -> dict:
         """How the encoder's inputs are made; fine-tuning data must match it."""
-        return {"modality": "xray", "spatial_dims": 2, "image_size": self.image_size, "channels": 1,
-                "pixels": "uint8 grayscale", "normalisation": {"mean": self.normalisation_mean, "std": self.normalisation_std}}
+        return xray_preprocessing(self.image_size, Normalisation(self.normalisation_mean, self.normalisation_std))
 
 
 def build_mae(config: PretrainConfig) -> MAE:
@@ -121,7 +120,7 @@ def pretrain(config: PretrainConfig) -> Path:
     identity = {"method": "mae", "architecture": config.vit_config().to_dict(), "config": to_dict(config)}
     identity["config"].pop("run_dir")
     identity["config"].pop("device")
-    fit(_MAEStep(mae), optimizer, lambda epoch: batches.epoch(config.seed, epoch), schedule, context, run_dir,
+    fit(mae, optimizer, lambda epoch: batches.epoch(config.seed, epoch), schedule, context, run_dir,
         config.seed, identity, config.checkpoint_every, on_epoch_end, description="pretrain")
     encoder_path = run_dir / ENCODER_NAME
     if context.is_main:
@@ -131,13 +130,3 @@ def pretrain(config: PretrainConfig) -> Path:
     distributed.barrier(context)
     return encoder_path
 
-
-class _MAEStep(torch.nn.Module):
-    """Adapts a batch ``(x, None)`` to ``MAE.forward(x)`` so the shared loop can call ``model(batch)``."""
-
-    def __init__(self, mae: MAE) -> None:
-        super().__init__()
-        self.mae = mae
-
-    def forward(self, batch: tuple[torch.Tensor, None]) -> torch.Tensor:
-        return self.mae(batch[0])

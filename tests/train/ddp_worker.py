@@ -16,14 +16,6 @@ from chestssl.train import distributed
 from chestssl.train.loop import Schedule, fit
 
 
-class Step(torch.nn.Module):
-    def __init__(self, mae):
-        super().__init__()
-        self.mae = mae
-
-    def forward(self, batch):
-        return self.mae(batch[0])
-
 
 def main(out_dir: Path) -> None:
     torch.set_num_threads(1)
@@ -31,7 +23,7 @@ def main(out_dir: Path) -> None:
     assert context.world_size == 2 and dist.get_backend() == "gloo"
     torch.manual_seed(0)  # the same initial weights on both ranks (DDP also broadcasts rank 0's)
     images = np.random.default_rng(0).integers(0, 255, size=(64, 1, 16, 16), dtype=np.uint8)
-    model = Step(MAE(ViT(ViTConfig(image_size=16, patch_size=4, hidden_size=32, depth=1, num_heads=2)), 32, 1, 2))
+    model = (MAE(ViT(ViTConfig(image_size=16, patch_size=4, hidden_size=32, depth=1, num_heads=2)), 32, 1, 2))
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = Batches(images, None, 16, Normalisation(), AugmentConfig(), rank=context.rank, world_size=context.world_size)

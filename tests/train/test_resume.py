@@ -18,20 +18,12 @@ class Interrupted(Exception):
     pass
 
 
-class Step(torch.nn.Module):
-    def __init__(self, mae):
-        super().__init__()
-        self.mae = mae
-
-    def forward(self, batch):
-        return self.mae(batch[0])
-
 
 def run(run_dir: Path, stop_after_epoch: int | None = None) -> dict:
     torch.manual_seed(0)
     images = np.random.default_rng(0).integers(0, 255, size=(40, 1, 16, 16), dtype=np.uint8)
     encoder = ViT(ViTConfig(image_size=16, patch_size=4, hidden_size=32, depth=1, num_heads=2), drop_path=0.1)
-    model = Step(MAE(encoder, 32, 1, 2))
+    model = (MAE(encoder, 32, 1, 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = Batches(images, None, 16, Normalisation(), AugmentConfig(), shuffle=True, drop_last=True)
     schedule = Schedule(epochs=4, steps_per_epoch=len(batches), lr=1e-3, warmup_epochs=1)

@@ -1,0 +1,142 @@
+"""LIDC-IDRI nodule cubes on real VOIs (a subset of the index), the split on the whole index, and CT lung patches."""
+
+import csv
+import logging
+from collections import defaultdict
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from chestssl.data.ct import lung_mask, resize_to_cube, window_hu
+from chestssl.data.ct_io import read_ct
+from chestssl.data.lidc import (INDEX, SIDECAR, build_lidc_nodules, ct_patches, lidc_splits, nodule_cube, nodule_id,
+                                read_index)
+from chestssl.data.volume_cache import load_volume, read_manifest, save_volume, write_manifest
+from chestssl.errors import DataError
+
+LIMIT = 12  # index rows spread over the 996 (the full build takes about 12-30 s on this machine)
+THIN_VOI = "LIDC-IDRI-0003_R_3.nii.gz"  # 4 slices of 2.5 mm: 10 mm along z, padded to the 32 mm cube
+
+
+@pytest.fixture(scope="module")
+def lidc_dir(shared_data):
+    return shared_data / "lidc-nodules"
+
+
+@pytest.fixture(scope="module")
+def index(lidc_dir):
+    return read_index(lidc_dir)
+
+
+@pytest.fixture(scope="module")
+def cache(lidc_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lidc")
+    build_lidc_nodules(lidc_dir, folder, limit=LIMIT)
+    return folder
+
+
+def test_cubes_have_the_shape_and_range(cache):
+    rows = [row for row in read_manifest(cache) if row["status"] == "ok"]
+    assert len(rows) == LIMIT
+    for row in rows:
+        image, lung = load_volume(cache / row["file"])
+        assert image.shape == lung.shape == (32, 32, 32) and row["shape"] == "32x32x32"
+        assert 0.0 <= image.min() and image.max() <= 1.0 and image.std() > 0.05
+        assert 0.02 < lung.mean() < 1.0  # the lung slot marks lung inside the VOI, never the air padding
+
+
+def test_a_thin_voi_is_centred_and_padded_with_air(lidc_dir):
+    image, mask = read_ct(lidc_dir / "VOIs/image" / THIN_VOI), read_ct(lidc_dir / "VOIs/nodule_mask" / THIN_VOI)
+    cube = nodule_cube(image.hu, mask.hu, image.spacing)
+    assert np.abs(np.array(ndi.center_of_mass(cube.nodule)) - 15.5).max() <= 1.0
+    assert cube.nodule_kept == 1.0
+    slices = np.flatnonzero(cube.inside.any(axis=(1, 2)))
+    assert len(slices) == 10  # 4 x 2.5 mm at 1 mm; the rest of z is padding
+    outside = ~cube.inside
+    assert outside[:slices[0]].all() and (cube.image[outside] == 0).all() and not cube.lung[outside].any()
+    assert cube.image[cube.nodule].mean() > cube.image[cube.inside & ~cube.nodule].mean() + 0.1
+    assert cube.lung[cube.nodule].all()  # the nodule belongs to the lung region
+
+
+def test_labels_and_patients_come_from_the_index(cache, index):
+    by_id = {nodule_id(row): row for row in index}
+    for row in read_manifest(cache):
+        source = by_id[row["id"]]
+        assert row["label"] == {"Benign": "0", "Malign": "1"}[source["Diagnosis"]]
+        assert row["patient_id"] == source["patient_id"]
+    with (cache / SIDECAR).open() as stream:
+        sidecar = list(csv.DictReader(stream))
+    assert {row["diagnosis"] for row in sidecar} <= {"Benign", "Malign"} and len(sidecar) == LIMIT
+
+
+def test_the_split_is_patient_level_deterministic_and_stratified(index):
+    splits = lidc_splits(index, seed=0)
+    assert splits == lidc_splits(index, seed=0) and splits != lidc_splits(index, seed=1)
+    patients = defaultdict(set)
+    for row, split in zip(index, splits):
+        patients[row["patient_id"]].add(split)
+    assert all(len(names) == 1 for names in patients.values())
+    malignant = np.array([row["Diagnosis"] == "Malign" for row in index])
+    for name, fraction in (("train", 0.7), ("val", 0.1), ("test", 0.2)):
+        members = np.array(splits) == name
+        assert abs(members.mean() - fraction) < 0.03
+        assert abs(malignant[members].mean() - malignant.mean()) < 0.05, name
+
+
+def test_two_builds_give_the_same_split_as_the_whole_index(cache, lidc_dir, index, tmp_path):
+    build_lidc_nodules(lidc_dir, tmp_path, limit=LIMIT, workers=2)  # the process pool builds the same cubes
+    first, second = read_manifest(cache), read_manifest(tmp_path)
+    assert first == second
+    for row in first:
+        for one, other in zip(load_volume(cache / row["file"]), load_volume(tmp_path / row["file"])):
+            assert np.array_equal(one, other)
+    expected = {nodule_id(row): split for row, split in zip(index, lidc_splits(index, seed=0))}
+    assert all(row["split"] == expected[row["id"]] for row in first)
+
+
+def test_rows_without_an_image_fail_with_a_reason(lidc_dir, index, tmp_path):
+    data = tmp_path / "data"  # an index of the four LIDC-IDRI-1002 rows beside the real VOIs
+    data.mkdir()
+    (data / "VOIs").symlink_to(lidc_dir / "VOIs")
+    rows = [row for row in index if row["patient_id"] == "LIDC-IDRI-1002"]
+    with (data / INDEX).open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    build_lidc_nodules(data, tmp_path / "cache")
+    manifest = read_manifest(tmp_path / "cache")
+    failed = [row for row in manifest if row["status"] == "failed"]
+    assert len(manifest) == 4 and len(failed) == 2
+    assert all("no VOI image" in row["reason"] and "mask" in row["reason"] for row in failed)
+
+
+def test_a_rerun_builds_nothing_and_refuses_other_settings(cache, lidc_dir, caplog):
+    times = {path.name: path.stat().st_mtime_ns for path in cache.glob("*.npz")}
+    with caplog.at_level(logging.INFO, logger="chestssl.data.lidc"):
+        build_lidc_nodules(lidc_dir, cache, limit=LIMIT)
+    assert "0 built, 0 failed, 12 already done" in caplog.text
+    assert times == {path.name: path.stat().st_mtime_ns for path in cache.glob("*.npz")}
+    with pytest.raises(DataError, match="another cache_dir"):
+        build_lidc_nodules(lidc_dir, cache, size=16, limit=LIMIT)
+
+
+def test_ct_patches_are_mostly_lung(shared_data, tmp_path):
+    volume = read_ct(shared_data / "ct/pyradiomics/lung1_image.nrrd")
+    lung = lung_mask(volume.hu, volume.spacing)
+    full = tmp_path / "full"  # a 64^3 full-CT cache like prepare-ct's, one volume per split kind
+    save_volume(full / "chest.npz", resize_to_cube(window_hu(volume.hu, -1000, 400), 64), resize_to_cube(lung, 64))
+    write_manifest(full, [{"id": "chest", "status": "ok", "file": "chest.npz", "split": "train"},
+                          {"id": "held-out", "status": "ok", "file": "chest.npz", "split": "test"}])
+    assert ct_patches(full, tmp_path / "patches", size=32, per_volume=4, seed=0) == tmp_path / "patches/manifest.csv"
+    manifest = read_manifest(tmp_path / "patches")
+    assert len(manifest) == 4 and {row["split"] for row in manifest} == {"pretrain"}
+    assert all(row["status"] == "ok" and row["label"] == "" and row["source"].startswith("chest@") for row in manifest)
+    for row in manifest:
+        image, crop_lung = load_volume(tmp_path / "patches" / row["file"])
+        assert image.shape == (32, 32, 32) and crop_lung.mean() >= 0.5
+    ct_patches(full, tmp_path / "patches", size=32, per_volume=4, seed=0)
+    assert read_manifest(tmp_path / "patches") == manifest
+    ct_patches(full, tmp_path / "strict", size=32, per_volume=2, min_lung_fraction=0.9)
+    failed = read_manifest(tmp_path / "strict")
+    assert [row["status"] for row in failed] == ["failed", "failed"] and "no 32^3 crop" in failed[0]["reason"]
