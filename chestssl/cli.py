@@ -1,4 +1,4 @@
-"""The ``chestssl`` command: pretrain, finetune, benchmark, report.
+"""The ``chestssl`` command: pretrain, finetune, benchmark, report, prepare-ct, prepare-lidc.
 
 Every subcommand takes ``--config FILE.yaml`` and ``key=value`` overrides (``section.key=value`` for nested
 sections); unknown keys are errors. The resolved config is saved in the run directory.
@@ -7,6 +7,7 @@ sections); unknown keys are errors. The resolved config is saved in the run dire
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -40,9 +41,30 @@ def main(argv: list[str] | None = None) -> int:
         ("benchmark", "label-fraction x seed x initialisation grid with a report"),
     ):
         _add_common(commands.add_parser(name, help=help_text))
+    prepare = commands.add_parser("prepare-ct", help="CT folders, files or a manifest CSV -> a cache of lung-cropped cubes")
+    prepare.add_argument("inputs", nargs="*", metavar="PATH|key=value",
+                         help="CT files or folders (DICOM series, NIfTI, NRRD, MHA), and key=value settings")
+    prepare.add_argument("--config", help="YAML file with the settings")
+    prepare.add_argument("--cache-dir", help="where the cubes and manifest.csv go")
+    lidc = commands.add_parser("prepare-lidc", help="LIDC-IDRI nodule cubes with a patient-level split")
+    lidc.add_argument("--data-dir", help="data directory holding lidc-nodules/ (else $CHESTSSL_DATA)")
+    lidc.add_argument("--cache-dir", required=True, help="where the cubes and manifest.csv go")
+    lidc.add_argument("--size", type=int, default=32, help="cube edge in voxels")
+    lidc.add_argument("--spacing-mm", type=float, default=1.0, help="isotropic voxel size")
+    lidc.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level 70/10/20 split")
+    lidc.add_argument("--workers", type=int, default=2)
     report = commands.add_parser("report", help="rebuild the report of a benchmark run directory")
     report.add_argument("run_dir")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if any(item.startswith("-") for item in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # positional settings given after an option (``--cache-dir X size=32``) land in ``extra``
+    for name in ("overrides", "inputs"):
+        if hasattr(args, name):
+            setattr(args, name, getattr(args, name) + extra)
+            extra = []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
@@ -61,6 +83,22 @@ def main(argv: list[str] | None = None) -> int:
 
             report_path = benchmark(load_config(BenchmarkConfig, args.config, _overrides(args)))
             print(f"report: {report_path}")
+        elif args.command == "prepare-ct":
+            from chestssl.data.prepare_ct import PrepareCTConfig, prepare_ct
+
+            overrides = [item for item in args.inputs if "=" in item]
+            paths = [item for item in args.inputs if "=" not in item]
+            if paths:
+                overrides.append("inputs=[" + ", ".join(json.dumps(p) for p in paths) + "]")
+            if args.cache_dir:
+                overrides.append(f"cache_dir={args.cache_dir}")
+            print(f"manifest: {prepare_ct(load_config(PrepareCTConfig, args.config, overrides))}")
+        elif args.command == "prepare-lidc":
+            from chestssl.data.lidc import build_lidc_nodules
+
+            manifest = build_lidc_nodules(args.data_dir, args.cache_dir, size=args.size, spacing_mm=args.spacing_mm,
+                                          split_seed=args.split_seed, workers=args.workers)
+            print(f"manifest: {manifest}")
         elif args.command == "report":
             from chestssl.report.tables import write_report
 

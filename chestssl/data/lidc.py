@@ -34,7 +34,7 @@ from chestssl.errors import DataError
 logger = logging.getLogger(__name__)
 
 INDEX, IMAGES, MASKS = "nodules_index.csv", "VOIs/image", "VOIs/nodule_mask"
-SIDECAR, SETTINGS = "nodules.csv", "lidc_settings.json"
+SIDECAR, SETTINGS = "nodules.csv", "preprocessing.json"  # the same record as prepare-ct writes
 SIDECAR_COLUMNS = ["id", "patient_id", "diagnosis", "malignancy_value", "diameter_mm", "nodule_ml", "nodule_kept",
                    "inside_fraction", "lung_fraction"]
 SPLITS = ("train", "val", "test")
@@ -107,6 +107,15 @@ def nodule_cube(hu: np.ndarray, mask: np.ndarray, spacing: Sequence[float], size
                       float(cubes["nodule"].sum() / nodule_iso.sum()))
 
 
+def lidc_folder(data_dir: str | Path | None) -> Path:
+    """The lidc-nodules folder: ``data_dir`` itself or ``<data_dir>/lidc-nodules`` (data_dir as resolved by
+    :func:`~chestssl.data.paths.resolve_data_dir`)."""
+    from chestssl.data.paths import resolve_data_dir
+
+    root = resolve_data_dir(data_dir)
+    return root if (root / INDEX).is_file() else root / "lidc-nodules"
+
+
 def read_index(data_dir: str | Path) -> list[dict[str, str]]:
     """Rows of ``<data_dir>/nodules_index.csv``; DataError if it is missing or a Diagnosis is not Benign/Malign."""
     path = Path(data_dir) / INDEX
@@ -160,7 +169,7 @@ def build_lidc_nodules(
     rows of other writers (:func:`ct_patches`) and refuses a cache made with other cube settings.
 
     Args:
-        data_dir: the lidc-nodules folder (``nodules_index.csv``, ``VOIs/``).
+        data_dir: the lidc-nodules folder (``nodules_index.csv``, ``VOIs/``), or the data directory holding it.
         cache_dir: where the cubes, ``manifest.csv`` and ``nodules.csv`` go.
         size, spacing_mm, hu_low, hu_high: the cube, see :func:`nodule_cube`.
         split_seed, split_fractions: the split, see :func:`lidc_splits`.
@@ -170,11 +179,14 @@ def build_lidc_nodules(
     Returns:
         The manifest path.
     """
-    data_dir, cache_dir = Path(data_dir), Path(cache_dir)
+    data_dir, cache_dir = lidc_folder(data_dir), Path(cache_dir)
     index = read_index(data_dir)
     splits = lidc_splits(index, split_seed, split_fractions)
     settings = {"size": int(size), "spacing_mm": float(spacing_mm), "hu_low": float(hu_low), "hu_high": float(hu_high)}
-    _check_settings(cache_dir, settings)
+    _check_settings(cache_dir, {"modality": "ct", "spatial_dims": 3, "channels": 1, "size": int(size), "axes": "zyx",
+                                "spacing_mm": float(spacing_mm), "hu_window": [float(hu_low), float(hu_high)],
+                                "value_range": [0.0, 1.0], "crop": "nodule-centred cube, air padding",
+                                "orientation": "LPS"})
     spread = np.unique(np.linspace(0, len(index) - 1, limit or 1).round().astype(int))  # rows spread evenly
     chosen = range(len(index)) if limit is None else spread
     rows = {row["id"]: row for row in read_manifest(cache_dir)}
@@ -247,7 +259,7 @@ def _check_settings(cache_dir: Path, settings: dict) -> None:
     if path.is_file():
         made_with = json.loads(path.read_text())
         if made_with != settings:
-            raise DataError(f"{cache_dir} holds cubes made with {made_with}, not {settings}; use another cache_dir")
+            raise DataError(f"{cache_dir} holds volumes made with {made_with}, not {settings}; use another cache_dir")
     else:
         cache_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(settings))

@@ -78,7 +78,7 @@ def label_fraction(
     chosen = []
     for stratum in np.unique(strata):
         members = order[strata[order] == stratum]
-        take = int(round(fraction * len(members)))
+        take = int(np.floor(fraction * len(members) + 0.5))  # half rounds up (Python's round() goes to even)
         if take == 0:
             name = class_names[stratum] if 0 <= stratum < len(class_names) else str(stratum)
             raise DataError(

@@ -65,7 +65,7 @@ class Classifier(nn.Module):
         logits = self.head(self.norm(features))
         return logits.squeeze(-1) if self.task == "binary" else logits
 
-    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, y = batch
+    def forward(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, y = batch[0], batch[1]  # a volume loader adds the lung mask as a third element
         weights = self.weights if self.weights.numel() else None
         return task_loss(self.logits(x).float(), y, self.task, weights)

@@ -7,6 +7,7 @@ schedule and keeps the last epoch; ``full`` selects on the whole validation spli
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -20,15 +21,16 @@ import torch
 
 from chestssl.config import save_config, to_dict
 from chestssl.data.augment import AugmentConfig
-from chestssl.data.batches import Batches, Normalisation, xray_preprocessing
+from chestssl.data.batches import Normalisation, xray_preprocessing
 from chestssl.data.splits import label_fraction, load_splits
-from chestssl.data.types import ImageDataset
+from chestssl.errors import CheckpointError
 from chestssl.models.heads import Classifier, class_weights, probabilities
 from chestssl.models.resnet import resnet18
 from chestssl.models.vit import ViT, ViTConfig
 from chestssl.train import distributed
 from chestssl.train.checkpoint import atomic_save, check_preprocessing, load_weights, read, read_encoder
 from chestssl.train.evaluate import auc, classification_metrics
+from chestssl.train.inputs import Labelled, Split, load_cache_splits, make_batches
 from chestssl.train.loop import Schedule, fit
 from chestssl.train.optim import param_groups, vit_layer_id
 
@@ -46,6 +48,7 @@ class FinetuneConfig:
     run_dir: str = "runs/finetune"
     data_dir: str | None = None
     dataset: str = "pneumoniamnist"
+    cache_dir: str | None = None
     dataset_root: str | None = None
     labels_csv: str | None = None
     image_size: int = 28
@@ -75,6 +78,8 @@ class FinetuneConfig:
     intensity: float = 0.1
     normalisation_mean: float = 0.5
     normalisation_std: float = 0.25
+    resnet_small_input: bool = True
+    num_workers: int = 0
     device: str = "auto"
     checkpoint_every: int = 5
 
@@ -86,59 +91,77 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be one of {valid}, got {value!r}")
         if self.encoder and self.model != "vit":
             raise ValueError("an encoder file is a pretrained ViT: set model=vit")
+        if self.dataset == "ct-cache" and not self.cache_dir:
+            raise ValueError("dataset ct-cache needs cache_dir: a folder written by prepare-ct or a dataset builder")
 
-    def preprocessing(self) -> dict:
-        return xray_preprocessing(self.image_size, Normalisation(self.normalisation_mean, self.normalisation_std))
+    def normalisation(self) -> Normalisation:
+        return Normalisation(self.normalisation_mean, self.normalisation_std)
 
 
-def build_encoder(config: FinetuneConfig) -> tuple[torch.nn.Module, int, str]:
+def load_labelled(config: FinetuneConfig) -> Labelled:
+    """Train/val/test for the run: a named 2D dataset, or a CT volume cache (``dataset: ct-cache``)."""
+    if config.dataset == "ct-cache":
+        data = load_cache_splits(config.cache_dir, config.split_seed)
+        normalisation = {"mean": config.normalisation_mean, "std": config.normalisation_std}
+        return dataclasses.replace(data, preprocessing={**data.preprocessing, "normalisation": normalisation})
+    splits = load_splits(config.dataset, config.data_dir, config.image_size, config.split_seed,
+                         root=config.dataset_root, labels_csv=config.labels_csv)
+    parts = {name: Split(d.images, d.labels, d.patient_ids) for name, d in splits.items()}
+    train = splits["train"]
+    return Labelled(parts["train"], parts["val"], parts["test"], train.task, train.class_names, 2,
+                    xray_preprocessing(config.image_size, config.normalisation()))
+
+
+def build_encoder(config: FinetuneConfig, data: Labelled) -> tuple[torch.nn.Module, int, str]:
     """The encoder to fine-tune, its depth (for layer-wise decay) and where its weights came from."""
+    spatial_dims = data.spatial_dims
     if config.model == "resnet18":
-        return resnet18(spatial_dims=2, in_channels=1), 0, "scratch"
+        return resnet18(spatial_dims=spatial_dims, in_channels=1, small_input=config.resnet_small_input), 0, "scratch"
     if config.encoder:
         tensors, meta = read_encoder(config.encoder)
-        check_preprocessing(config.encoder, meta["preprocessing"], config.preprocessing())
-        architecture = {k: v for k, v in meta["architecture"].items() if k != "name"}
+        check_preprocessing(config.encoder, meta["preprocessing"], data.preprocessing)
         if meta["architecture"].get("name") != "vit":
-            raise ValueError(f"{config.encoder} holds a {meta['architecture'].get('name')!r} encoder, not a ViT")
+            raise CheckpointError(f"{config.encoder} holds a {meta['architecture'].get('name')!r} encoder, not a ViT")
+        architecture = {k: v for k, v in meta["architecture"].items() if k != "name"}
         encoder = ViT(ViTConfig(**architecture), drop_path=config.drop_path)
         load_weights(encoder, tensors, str(config.encoder))
         return encoder, encoder.config.depth, f"{meta.get('method', 'pretrained')}:{config.encoder}"
-    vit = ViTConfig(spatial_dims=2, image_size=config.image_size, patch_size=config.patch_size, in_channels=1,
+    size = data.preprocessing.get("size", config.image_size) if spatial_dims == 3 else config.image_size
+    vit = ViTConfig(spatial_dims=spatial_dims, image_size=size, patch_size=config.patch_size, in_channels=1,
                     hidden_size=config.hidden_size, depth=config.depth, num_heads=config.num_heads)
     return ViT(vit, drop_path=config.drop_path), vit.depth, "scratch"
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, inputs: np.ndarray, normalisation: Normalisation | None, device: torch.device,
-            batch_size: int = 256) -> np.ndarray:
+def predict(model: torch.nn.Module, inputs, normalisation: Normalisation | None, device: torch.device,
+            num_workers: int = 0, batch_size: int = 256) -> np.ndarray:
     """Probabilities for every input, in order (evaluation mode, no augmentation)."""
     model.eval()
-    batches = Batches(inputs, None, batch_size, normalisation, shuffle=False, drop_last=False, device=device)
-    outputs = [probabilities(model.logits(x).float(), model.task).cpu() for x, _ in batches.epoch(0, 0)]
+    batches = make_batches(inputs, None, batch_size, normalisation, None, False, False, device=device, num_workers=num_workers)
+    outputs = [probabilities(model.logits(batch[0]).float(), model.task).cpu() for batch in batches.epoch(0, 0)]
     model.train()
     return torch.cat(outputs).numpy()
 
 
 @torch.no_grad()
-def extract_features(encoder: torch.nn.Module, images: np.ndarray, normalisation: Normalisation, device: torch.device) -> np.ndarray:
+def extract_features(encoder: torch.nn.Module, inputs, normalisation: Normalisation, device: torch.device,
+                     num_workers: int = 0) -> np.ndarray:
     encoder.eval()
-    batches = Batches(images, None, 256, normalisation, shuffle=False, drop_last=False, device=device)
-    return torch.cat([encoder(x).float().cpu() for x, _ in batches.epoch(0, 0)]).numpy()
+    batches = make_batches(inputs, None, 256, normalisation, None, False, False, device=device, num_workers=num_workers)
+    return torch.cat([encoder(batch[0]).float().cpu() for batch in batches.epoch(0, 0)]).numpy()
 
 
-def _choose(config: FinetuneConfig, splits: dict[str, ImageDataset]) -> tuple[ImageDataset, ImageDataset | None, str]:
+def _choose(config: FinetuneConfig, data: Labelled) -> tuple[Split, Split | None, str]:
     """The labelled training subset and the validation set used for model selection (None for ``fixed``)."""
-    train = splits["train"]
+    train, val = data.train, data.val
     chosen = train.subset(label_fraction(train.labels, config.label_fraction, config.seed, train.patient_ids,
-                                         train.class_names, "training split"))
-    val = splits["val"]
+                                         data.class_names, "training split"))
     if config.selection == "fixed":
         return chosen, None, "fixed schedule, last epoch (no validation labels)"
     if config.selection == "full" or config.label_fraction == 1.0:
         note = "full validation split" + (" (more labels than the fraction claims)" if config.label_fraction < 1 else "")
         return chosen, val, note
-    indices = label_fraction(val.labels, config.label_fraction, config.seed, val.patient_ids, val.class_names, "validation split")
+    indices = label_fraction(val.labels, config.label_fraction, config.seed, val.patient_ids, data.class_names, "validation split")
     return chosen, val.subset(indices), f"validation subset of the same fraction ({len(indices)} of {len(val)})"
 
 
@@ -154,28 +177,27 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
     started = time.perf_counter()
-    splits = load_splits(config.dataset, config.data_dir, config.image_size, config.split_seed,
-                         root=config.dataset_root, labels_csv=config.labels_csv)
-    train, val, selection_note = _choose(config, splits)
-    test = splits["test"]
-    task = train.task
-    num_outputs = 1 if task == "binary" else len(train.class_names)
-    log.info("fine-tuning on %d labelled images (%.3g of %d); selection: %s", len(train), config.label_fraction,
-             len(splits["train"]), selection_note)
+    data = load_labelled(config)
+    train, val, selection_note = _choose(config, data)
+    test, task = data.test, data.task
+    num_outputs = 1 if task == "binary" else len(data.class_names)
+    log.info("fine-tuning on %d labelled samples (%.3g of %d); selection: %s", len(train), config.label_fraction,
+             len(data.train), selection_note)
 
     torch.manual_seed(config.seed)
-    normalisation = Normalisation(config.normalisation_mean, config.normalisation_std)
-    encoder, depth, source = build_encoder(config)
+    normalisation = config.normalisation()
+    encoder, depth, source = build_encoder(config, data)
     weights = class_weights(train.labels, task) if config.class_weighting == "balanced" else None
     if config.mode == "linear":
         encoder.to(context.device)
-        train_inputs, input_norm = extract_features(encoder, train.images, normalisation, context.device), None
-        val_inputs = None if val is None else extract_features(encoder, val.images, normalisation, context.device)
-        test_inputs = extract_features(encoder, test.images, normalisation, context.device)
+        features = [None if split is None else extract_features(encoder, split.inputs, normalisation, context.device,
+                                                                 config.num_workers) for split in (train, val, test)]
+        train_inputs, val_inputs, test_inputs = features
+        input_norm = None
         model = Classifier(None, encoder.feature_size, num_outputs, task, weights, feature_norm="batch")
         groups, augment = param_groups(model, 0.0), None
     else:
-        train_inputs, val_inputs, test_inputs = train.images, None if val is None else val.images, test.images
+        train_inputs, val_inputs, test_inputs = train.inputs, None if val is None else val.inputs, test.inputs
         input_norm = normalisation
         model = Classifier(encoder, encoder.feature_size, num_outputs, task, weights,
                            feature_norm="layer" if config.model == "vit" else "none")
@@ -184,8 +206,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         augment = AugmentConfig(crop_scale=config.crop_scale, rotate_degrees=config.rotate_degrees,
                                 flip_probability=config.flip_probability, intensity=config.intensity)
     model.to(context.device)
-    batches = Batches(train_inputs, train.labels, config.batch_size, input_norm, augment, shuffle=True, drop_last=True,
-                      rank=context.rank, world_size=context.world_size, device=context.device)
+    batches = make_batches(train_inputs, train.labels, config.batch_size, input_norm, augment, True, True,
+                           context.rank, context.world_size, context.device, config.num_workers)
     epochs = max(config.epochs, math.ceil(config.min_steps / len(batches)))
     lr = config.lr * config.batch_size / 256
     optimizer = torch.optim.AdamW(groups, lr=lr)
@@ -196,7 +218,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     def on_epoch_end(epoch: int) -> dict[str, Any]:
         if val_inputs is None:
             return {}
-        scores = predict(model, val_inputs, input_norm, context.device)
+        scores = predict(model, val_inputs, input_norm, context.device, config.num_workers)
         val_auc = auc(val.labels, scores, task)
         score = -1.0 if math.isnan(val_auc) else val_auc
         if state["best_score"] is None or score > state["best_score"]:
@@ -213,7 +235,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     if val_inputs is not None:
         tensors, _ = read(best_path)
         load_weights(model, tensors, str(best_path))
-    test_metrics = classification_metrics(test.labels, predict(model, test_inputs, input_norm, context.device), task)
+    scores = predict(model, test_inputs, input_norm, context.device, config.num_workers)
+    test_metrics = classification_metrics(test.labels, scores, task)
     result = {
         "run_dir": str(run_dir), "dataset": config.dataset, "model": config.model, "init": source, "mode": config.mode,
         "label_fraction": config.label_fraction, "seed": config.seed, "n_train": len(train), "n_val": 0 if val is None else len(val),

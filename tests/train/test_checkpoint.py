@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -13,10 +15,17 @@ from chestssl.train.checkpoint import (
     save_encoder,
     save_training_state,
 )
+from chestssl.data.batches import Normalisation, xray_preprocessing
 from chestssl.train.finetune import FinetuneConfig, build_encoder
+from chestssl.train.inputs import Labelled, Split
 
 SMALL = ViTConfig(image_size=16, patch_size=4, hidden_size=32, depth=1, num_heads=2)
-PREPROCESSING = FinetuneConfig(image_size=16).preprocessing()
+PREPROCESSING = xray_preprocessing(16, Normalisation())
+
+
+def xray_data(image_size: int, std: float = 0.25) -> Labelled:
+    empty = Split(np.zeros((0, 1, image_size, image_size), np.uint8), np.zeros(0, np.int64), None)
+    return Labelled(empty, empty, empty, "binary", ("a", "b"), 2, xray_preprocessing(image_size, Normalisation(0.5, std)))
 
 
 def test_training_state_round_trip(tmp_path):
@@ -71,9 +80,11 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 def test_finetuning_refuses_an_encoder_with_other_preprocessing(tmp_path):
     path = tmp_path / "e.safetensors"
     save_encoder(path, ViT(SMALL), {"name": "vit", **SMALL.to_dict()}, PREPROCESSING)
-    encoder, depth, source = build_encoder(FinetuneConfig(image_size=16, encoder=str(path)))
+    encoder, depth, source = build_encoder(FinetuneConfig(image_size=16, encoder=str(path)), xray_data(16))
     assert depth == 1 and source.endswith("e.safetensors")
     with pytest.raises(CheckpointError, match="image_size: encoder 16 vs data 28"):
-        build_encoder(FinetuneConfig(image_size=28, encoder=str(path)))
+        build_encoder(FinetuneConfig(image_size=28, encoder=str(path)), xray_data(28))
     with pytest.raises(CheckpointError, match="normalisation"):
-        check_preprocessing(path, PREPROCESSING, FinetuneConfig(image_size=16, normalisation_std=0.5).preprocessing())
+        build_encoder(FinetuneConfig(image_size=16, encoder=str(path)), xray_data(16, std=0.5))
+    with pytest.raises(CheckpointError, match="normalisation"):
+        check_preprocessing(path, PREPROCESSING, xray_preprocessing(16, Normalisation(0.5, 0.5)))
