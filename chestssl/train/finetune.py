@@ -230,7 +230,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     identity = {"model": config.model, "source": source, "config": {k: v for k, v in to_dict(config).items()
                                                                     if k not in ("run_dir", "device", "checkpoint_every")}}
     fit(model, optimizer, lambda epoch: batches.epoch(config.seed, epoch), schedule, context, run_dir, config.seed,
-        identity, config.checkpoint_every, on_epoch_end, state, description=f"finetune {config.model} {config.label_fraction:g}")
+        identity, checkpoint_every=config.checkpoint_every, on_epoch_end=on_epoch_end, state=state,
+        description=f"finetune {config.model} {config.label_fraction:g}")
     distributed.barrier(context)
     if val_inputs is not None:
         tensors, _ = read(best_path)

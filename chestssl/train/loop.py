@@ -77,7 +77,9 @@ def fit(
     run_dir: Path,
     seed: int,
     identity: dict[str, Any],
+    *,
     checkpoint_every: int = 1,
+    checkpoint_seconds: float = 60.0,
     on_epoch_end: Callable[[int], dict[str, Any]] | None = None,
     state: dict[str, Any] | None = None,
     description: str = "train",
@@ -94,6 +96,8 @@ def fit(
         seed: the run's seed.
         identity: architecture and config; a checkpoint from a run with another identity is refused.
         checkpoint_every: epochs between checkpoints (the last epoch always writes one).
+        checkpoint_seconds: and at least this long between two checkpoints, so runs of many tiny epochs
+            (1% of the labels) do not spend their time writing state.
         on_epoch_end: called on every rank after each epoch with the epoch index; returns metrics to log.
         state: a JSON-able dict the caller keeps across epochs (e.g. best score); saved in checkpoints.
 
@@ -118,6 +122,7 @@ def fit(
     total_steps = schedule.epochs * schedule.steps_per_epoch
     warmup_steps = int(schedule.warmup_epochs * schedule.steps_per_epoch)
     use_autocast = context.device.type == "cuda"
+    last_saved = time.perf_counter()
     bar = tqdm(total=total_steps, initial=start_epoch * schedule.steps_per_epoch, desc=description,
                disable=not context.is_main, dynamic_ncols=True, mininterval=2.0)
     for epoch in range(start_epoch, schedule.epochs):
@@ -153,8 +158,10 @@ def fit(
             record.update(on_epoch_end(epoch))
         if context.is_main:
             _append_jsonl(metrics_path, record)
-            if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == schedule.epochs:
+            due = (epoch + 1) % checkpoint_every == 0 and time.perf_counter() - last_saved >= checkpoint_seconds
+            if due or epoch + 1 == schedule.epochs:
                 save_training_state(checkpoint, model, optimizer, {"epoch": epoch + 1, "state": state}, identity)
+                last_saved = time.perf_counter()
         barrier(context)
     bar.close()
     state.update(epoch=schedule.epochs, step=total_steps)

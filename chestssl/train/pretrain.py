@@ -165,7 +165,7 @@ def pretrain(config: PretrainConfig) -> Path:
     identity["config"].pop("run_dir")
     identity["config"].pop("device")
     fit(mae, optimizer, lambda epoch: batches.epoch(config.seed, epoch), schedule, context, run_dir,
-        config.seed, identity, config.checkpoint_every, on_epoch_end, description="pretrain")
+        config.seed, identity, checkpoint_every=config.checkpoint_every, on_epoch_end=on_epoch_end, description="pretrain")
     encoder_path = run_dir / ENCODER_NAME
     if context.is_main:
         method = "mae" if config.lung_weight is None else "mae-lung-weighted"

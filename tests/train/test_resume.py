@@ -34,7 +34,7 @@ def run(run_dir: Path, stop_after_epoch: int | None = None) -> dict:
         return {}
 
     fit(model, optimizer, lambda e: batches.epoch(5, e), schedule, Context(0, 1, torch.device("cpu")), run_dir, 5,
-        {"test": 1}, checkpoint_every=1, on_epoch_end=on_epoch_end)
+        {"test": 1}, checkpoint_every=1, checkpoint_seconds=0, on_epoch_end=on_epoch_end)
     return model.state_dict()
 
 
