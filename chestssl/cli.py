@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             report_path = benchmark(load_config(BenchmarkConfig, args.config, _overrides(args)))
             print(f"report: {report_path}")
         elif args.command == "prepare-ct":
-            from chestssl.data.prepare_ct import PrepareCTConfig, prepare_ct
+            from chestssl.data.ct_preprocess import PrepareCTConfig
+            from chestssl.data.prepare_ct import prepare_ct
 
             overrides = [item for item in args.inputs if "=" in item]
             paths = [item for item in args.inputs if "=" not in item]

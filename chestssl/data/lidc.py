@@ -1,13 +1,8 @@
-"""LIDC-IDRI nodule cubes for benign/malignant classification, and lung patches of full chest CTs for pretraining.
+"""LIDC-IDRI nodule cubes for benign/malignant classification: the index, the patient-level split, the cache.
 
-Shapes: ``S`` the cube side (``size``); every array is (z, y, x) in the canonical orientation of
-:func:`~chestssl.data.ct_io.read_ct`. Data: Armato et al., Med Phys 2011 (LIDC-IDRI), VOIs of PabloLION/ct-slicing.
-
-A cube is the VOI resampled to ``spacing_mm`` isotropic (image linear, mask nearest), cut to ``S``^3 around the
-nodule mask's centroid and windowed to [0, 1]. Where the VOI ends the cube is air (-1000 HU, 0 after windowing):
-mirrored or edge-repeated tissue would invent anatomy next to the nodule. The VOIs are about 30 mm in plane but only
-2.5-61 mm (median 8 mm) along z, and 549 of 994 end at the nodule's first and last slice, so a cube is on average
-31% VOI (median 22%) and its padding shows the nodule's extent along z.
+Data: Armato et al., Med Phys 2011 (LIDC-IDRI), VOIs of PabloLION/ct-slicing. Each index row becomes one cube of
+:func:`~chestssl.data.nodule_cube.nodule_cube` in the volume cache, labelled 1 for a malignant and 0 for a benign
+nodule; lung crops of full chest CTs can be added beside them with :func:`~chestssl.data.ct_patches.ct_patches`.
 """
 
 from __future__ import annotations
@@ -17,18 +12,17 @@ import csv
 import json
 import logging
 from collections import Counter
-from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 
-from chestssl.data.ct import resample, window_hu
-from chestssl.data.ct_io import read_ct, short_hash
+from chestssl.data.ct_files import short_hash
+from chestssl.data.ct_io import read_ct
+from chestssl.data.ct_patches import ct_patches
+from chestssl.data.nodule_cube import nodule_cube
 from chestssl.data.splits import patient_split
-from chestssl.data.volume_cache import load_volume, read_manifest, save_volume, write_manifest
+from chestssl.data.volume_cache import read_manifest, save_volume, write_manifest
 from chestssl.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -38,73 +32,6 @@ SIDECAR, SETTINGS = "nodules.csv", "preprocessing.json"  # the same record as pr
 SIDECAR_COLUMNS = ["id", "patient_id", "diagnosis", "malignancy_value", "diameter_mm", "nodule_ml", "nodule_kept",
                    "inside_fraction", "lung_fraction"]
 SPLITS = ("train", "val", "test")
-LUNG_HU = -320.0  # the air threshold of chestssl.data.ct.lung_mask
-CLOSING_MM = 2.0  # closes vessels up to about 4 mm across into the lung region
-
-
-@dataclass(frozen=True)
-class NoduleCube:
-    """One nodule cube. ``image`` float32 (S, S, S) in [0, 1]; ``lung``, ``nodule``, ``inside`` bool (S, S, S):
-    lung region, nodule mask, and voxels that came from the VOI (False in the air padding)."""
-
-    image: np.ndarray
-    lung: np.ndarray
-    nodule: np.ndarray
-    inside: np.ndarray
-    nodule_kept: float  # share of the resampled nodule mask inside the cube (< 1 only for nodules wider than S)
-
-
-def lung_region(hu: np.ndarray, nodule: np.ndarray, spacing_mm: float) -> np.ndarray:
-    """Lung region of an isotropic VOI: bool (z, y, x), True for parenchyma, vessels inside it and the nodule.
-
-    The lung-weighted MAE loss down-weights patches outside this region. Air below -320 HU is closed with a
-    ``CLOSING_MM`` ball, holes are filled per axial slice (vessels seen end-on), and the nodule is added, the
-    same meaning as :func:`~chestssl.data.ct.lung_mask` on a full CT; chest wall and mediastinum of juxtapleural
-    nodules stay out. Over the 994 cubes it marks 85% of the VOI's voxels (median 89%, 5th percentile 58%) and,
-    with the padding left out, 27% of the cube (median 19%).
-    """
-    radius = max(1, round(CLOSING_MM / spacing_mm))
-    grid = np.ogrid[(slice(-radius, radius + 1),) * 3]
-    ball = sum(axis**2 for axis in grid) <= radius**2
-    air = np.pad(hu < LUNG_HU, radius, mode="edge")  # edge padding: no erosion at the VOI's borders
-    closed = ndi.binary_closing(air, ball)[(slice(radius, -radius),) * 3]
-    filled = np.stack([ndi.binary_fill_holes(axial) for axial in closed])
-    return filled | nodule
-
-
-def nodule_cube(hu: np.ndarray, mask: np.ndarray, spacing: Sequence[float], size: int = 32, spacing_mm: float = 1.0,
-                hu_low: float = -1000.0, hu_high: float = 400.0) -> NoduleCube:
-    """Cut the ``size``^3 cube centred on the nodule from a VOI (see the module docstring).
-
-    Args:
-        hu: VOI (z, y, x) in HU.
-        mask: nodule mask (z, y, x), nonzero inside.
-        spacing: (z, y, x) voxel spacing of the VOI in mm.
-        size: cube side S in voxels.
-        spacing_mm: isotropic voxel size of the cube.
-        hu_low: HU mapped to 0 (air).
-        hu_high: HU mapped to 1; the default 400 keeps calcification (200-400 HU), a benign cue, apart.
-
-    Raises:
-        DataError: the mask is empty or differs in shape from the VOI.
-    """
-    if hu.shape != mask.shape or not mask.any():
-        raise DataError(f"nodule mask {mask.shape} with {int(np.count_nonzero(mask))} voxels for a VOI {hu.shape}")
-    iso = (spacing_mm,) * 3
-    hu_iso = resample(hu.astype(np.float32), spacing, iso, "linear", fill_value=-1000.0)  # (z, y, x) at spacing_mm
-    inside_iso = resample(np.ones(hu.shape, dtype=bool), spacing, iso)
-    nodule_iso = resample(mask != 0, spacing, iso) & inside_iso
-    lung_iso = lung_region(hu_iso, nodule_iso, spacing_mm) & inside_iso
-    start = np.round(np.array(ndi.center_of_mass(nodule_iso)) - (size - 1) / 2).astype(int)
-    source = tuple(slice(max(0, s), max(0, min(n, s + size))) for s, n in zip(start, hu_iso.shape))
-    target = tuple(slice(cut.start - s, cut.stop - s) for cut, s in zip(source, start))
-    cubes = {}
-    for name, volume, fill in (("hu", hu_iso, -1000.0), ("lung", lung_iso, False), ("nodule", nodule_iso, False),
-                               ("inside", inside_iso, False)):
-        cubes[name] = np.full((size,) * 3, fill, dtype=volume.dtype)  # (S, S, S)
-        cubes[name][target] = volume[source]
-    return NoduleCube(window_hu(cubes["hu"], hu_low, hu_high), cubes["lung"], cubes["nodule"], cubes["inside"],
-                      float(cubes["nodule"].sum() / nodule_iso.sum()))
 
 
 def lidc_folder(data_dir: str | Path | None) -> Path:
@@ -161,17 +88,19 @@ def build_lidc_nodules(
     hu_high: float = 400.0, split_seed: int = 0, split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
     workers: int = 1, limit: int | None = None,
 ) -> Path:
-    """Write a cube per index row (:func:`nodule_cube`, saved with ``lung`` = :func:`lung_region`) and the manifest.
+    """Write a cube per index row (:func:`~chestssl.data.nodule_cube.nodule_cube`, saved with ``lung`` =
+    :func:`~chestssl.data.nodule_cube.lung_region`) and the manifest.
 
     Manifest rows: label 1 Malign / 0 Benign, patient_id from the index, split from :func:`lidc_splits` on the
     whole index (so ``limit`` does not change it); rows that cannot be built are ``failed`` with the reason.
     ``nodules.csv`` beside it keeps diameter, malignancy rating and cube statistics. A re-run skips ok rows, keeps
-    rows of other writers (:func:`ct_patches`) and refuses a cache made with other cube settings.
+    rows of other writers (:func:`~chestssl.data.ct_patches.ct_patches`) and refuses a cache made with other cube
+    settings.
 
     Args:
         data_dir: the lidc-nodules folder (``nodules_index.csv``, ``VOIs/``), or the data directory holding it.
         cache_dir: where the cubes, ``manifest.csv`` and ``nodules.csv`` go.
-        size, spacing_mm, hu_low, hu_high: the cube, see :func:`nodule_cube`.
+        size, spacing_mm, hu_low, hu_high: the cube, see :func:`~chestssl.data.nodule_cube.nodule_cube`.
         split_seed, split_fractions: the split, see :func:`lidc_splits`.
         workers: processes building cubes (about 12 s for all 994 with 2 on a 2-core machine).
         limit: build only this many index rows, spread evenly over the index (for tests).
@@ -279,68 +208,6 @@ def _write_csv(path: Path, rows: list[dict[str, str]], columns: list[str]) -> No
         writer.writeheader()
         writer.writerows(rows)
     temporary.replace(path)
-
-
-def ct_patches(source_cache: str | Path, cache_dir: str | Path, size: int = 32, per_volume: int = 8, seed: int = 0,
-               min_lung_fraction: float = 0.5, exclude_splits: Sequence[str] = ("test",)) -> Path:
-    """Add random ``size``^3 crops of full chest CTs, mostly lung, to a cache as unlabelled "pretrain" entries.
-
-    Crops are drawn among all those at least ``min_lung_fraction`` lung (by the source's lung mask; a crop that
-    cannot be found is a ``failed`` row). At 64^3 a 32^3 crop is at most about 55% lung. The draw of a volume
-    depends only on ``seed`` and its id, so a re-run skips volumes whose crops are recorded. The crops keep the
-    source's HU window and spacing (``spacing_mm`` column): use the nodules' window in prepare-ct.
-
-    Args:
-        source_cache: a prepare-ct cache of full CTs (image and lung mask per volume, e.g. 64^3 or 128^3).
-        cache_dir: the cache to add to (e.g. the nodule cache; its other rows are kept).
-        size: crop side S in voxels.
-        per_volume: crops per source volume.
-        seed: the draw's seed.
-        min_lung_fraction: the least share of a crop inside the source's lung mask.
-        exclude_splits: source volumes of these splits are never cropped (held-out data is not pretrained on).
-
-    Returns:
-        The manifest path of ``cache_dir``.
-    """
-    source_cache, cache_dir = Path(source_cache), Path(cache_dir)
-    sources = [row for row in read_manifest(source_cache)
-               if row["status"] == "ok" and row.get("split", "") not in exclude_splits]
-    if not sources:
-        raise DataError(f"{source_cache}: no ok volumes outside splits {list(exclude_splits)} to crop")
-    rows = {row["id"]: row for row in read_manifest(cache_dir)}
-    for source in sources:
-        keys = [short_hash(f"{source['id']}|{size}|{seed}|{k}") for k in range(per_volume)]
-        if all(key in rows for key in keys):
-            continue
-        image, lung = load_volume(source_cache / source["file"])  # (D, H, W) each
-        rng = np.random.default_rng([seed, int(short_hash(source["id"]), 16)])
-        corners = _lung_corners(lung, size, per_volume, min_lung_fraction, rng)
-        for key, corner in zip(keys, corners):
-            box = tuple(slice(c, c + size) for c in corner)
-            save_volume(cache_dir / f"{key}.npz", image[box], lung[box])
-            rows[key] = {"id": key, "source": f"{source['id']}@z{corner[0]}y{corner[1]}x{corner[2]}", "status": "ok",
-                         "file": f"{key}.npz", "patient_id": source.get("patient_id", ""), "split": "pretrain",
-                         "shape": "x".join([str(size)] * 3), "spacing_mm": source.get("spacing_mm", "")}
-        for key in keys[len(corners):]:
-            rows[key] = {"id": key, "source": source["id"], "status": "failed", "split": "pretrain",
-                         "reason": f"volume {lung.shape}: no {size}^3 crop with {min_lung_fraction:.0%} lung found"}
-    return write_manifest(cache_dir, list(rows.values()))
-
-
-def _lung_corners(lung: np.ndarray, size: int, count: int, min_fraction: float,
-                  rng: np.random.Generator) -> list[tuple[int, int, int]]:
-    """Up to ``count`` distinct (z, y, x) corners, drawn among all ``size``^3 crops of ``lung`` (D, H, W) that are
-    at least ``min_fraction`` lung (lung voxels per crop from a summed-area table)."""
-    if any(n < size for n in lung.shape):
-        return []
-    table = np.pad(lung.astype(np.int64), ((1, 0),) * 3).cumsum(0).cumsum(1).cumsum(2)  # (D+1, H+1, W+1)
-    low, high = slice(None, -size), slice(size, None)
-    inside = sum(sign * table[z, y, x] for sign, z, y, x in (
-        (1, high, high, high), (-1, low, high, high), (-1, high, low, high), (-1, high, high, low),
-        (1, low, low, high), (1, low, high, low), (1, high, low, low), (-1, low, low, low)))  # (D-S+1, H-S+1, W-S+1)
-    good = np.argwhere(inside >= min_fraction * size**3)  # (G, 3)
-    chosen = np.sort(rng.choice(len(good), size=min(count, len(good)), replace=False))
-    return [tuple(int(c) for c in good[i]) for i in chosen]
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from chestssl.data.ct_io import CTVolume, list_series, read_ct
+from chestssl.data.ct_io import CTVolume, read_ct
+from chestssl.data.dicom_series import list_series
 from chestssl.errors import DataError
 
 REAL_VOLUMES = [  # path under the data root, (z, y, x) shape, (z, y, x) spacing in mm

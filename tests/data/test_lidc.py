@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from chestssl.data.ct import lung_mask, resize_to_cube, window_hu
+from chestssl.data.ct import resize_to_cube, window_hu
 from chestssl.data.ct_io import read_ct
-from chestssl.data.lidc import (INDEX, SIDECAR, build_lidc_nodules, ct_patches, lidc_splits, nodule_cube, nodule_id,
-                                read_index)
+from chestssl.data.ct_patches import ct_patches
+from chestssl.data.lidc import INDEX, SIDECAR, build_lidc_nodules, lidc_splits, nodule_id, read_index
+from chestssl.data.lung_mask import lung_mask
+from chestssl.data.nodule_cube import nodule_cube
 from chestssl.data.volume_cache import load_volume, read_manifest, save_volume, write_manifest
 from chestssl.errors import DataError
 

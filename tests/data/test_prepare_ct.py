@@ -16,8 +16,10 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, 
 
 import chestssl.data.prepare_ct as prepare_module
 from chestssl.config import load_config
+from chestssl.data.ct_inputs import discover_inputs
 from chestssl.data.ct_io import CTVolume
-from chestssl.data.prepare_ct import PrepareCTConfig, discover_inputs, prepare_ct, preprocess_volume
+from chestssl.data.ct_preprocess import PrepareCTConfig, preprocess_volume
+from chestssl.data.prepare_ct import prepare_ct
 from chestssl.data.volume_cache import load_volume, read_manifest
 from chestssl.errors import ConfigError, DataError
 
