@@ -30,6 +30,15 @@ def auc(labels: np.ndarray, scores: np.ndarray, task: str) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def cross_entropy(labels: np.ndarray, scores: np.ndarray, task: str) -> float:
+    """Mean negative log-likelihood of the labels under the probabilities (per label for multilabel)."""
+    scores = np.clip(np.asarray(scores, dtype=np.float64), 1e-7, 1 - 1e-7)
+    if task == "multiclass":
+        return float(-np.mean(np.log(scores[np.arange(len(labels)), labels])))
+    labels = np.asarray(labels, dtype=np.float64)
+    return float(-np.mean(labels * np.log(scores) + (1 - labels) * np.log(1 - scores)))
+
+
 def classification_metrics(labels: np.ndarray, scores: np.ndarray, task: str) -> dict[str, float]:
     """AUC, ACC (MedMNIST definitions), balanced accuracy and weighted F1 of ``scores`` against ``labels``."""
     labels = np.asarray(labels)

@@ -29,7 +29,7 @@ from chestssl.models.resnet import resnet18
 from chestssl.models.vit import ViT, ViTConfig
 from chestssl.train import distributed
 from chestssl.train.checkpoint import atomic_save, check_preprocessing, load_weights, read, read_encoder
-from chestssl.train.evaluate import auc, classification_metrics
+from chestssl.train.evaluate import auc, classification_metrics, cross_entropy
 from chestssl.train.inputs import Labelled, Split, load_cache_splits, make_batches
 from chestssl.train.loop import Schedule, fit
 from chestssl.train.optim import param_groups, vit_layer_id
@@ -213,19 +213,20 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(groups, lr=lr)
     schedule = Schedule(epochs=epochs, steps_per_epoch=len(batches), lr=lr, warmup_epochs=config.warmup_epochs)
     best_path = run_dir / "best.safetensors"
-    state: dict[str, Any] = {"best_score": None, "best_epoch": None}
+    state: dict[str, Any] = {"best_score": None, "best_loss": None, "best_epoch": None}
 
     def on_epoch_end(epoch: int) -> dict[str, Any]:
         if val_inputs is None:
             return {}
         scores = predict(model, val_inputs, input_norm, context.device, config.num_workers)
-        val_auc = auc(val.labels, scores, task)
-        score = -1.0 if math.isnan(val_auc) else val_auc
-        if state["best_score"] is None or score > state["best_score"]:
-            state.update(best_score=score, best_epoch=epoch)
+        val_auc, val_loss = auc(val.labels, scores, task), cross_entropy(val.labels, scores, task)
+        # validation loss breaks ties: a small validation subset often puts AUC at 1.0 for many epochs
+        key = (-1.0 if math.isnan(val_auc) else val_auc, -val_loss)
+        if state["best_score"] is None or key > (state["best_score"], -state["best_loss"]):
+            state.update(best_score=key[0], best_loss=val_loss, best_epoch=epoch)
             if context.is_main:
-                atomic_save(model.state_dict(), {"epoch": epoch, "val_auc": val_auc}, best_path)
-        return {"val_auc": val_auc}
+                atomic_save(model.state_dict(), {"epoch": epoch, "val_auc": val_auc, "val_loss": val_loss}, best_path)
+        return {"val_auc": val_auc, "val_loss": val_loss}
 
     identity = {"model": config.model, "source": source, "config": {k: v for k, v in to_dict(config).items()
                                                                     if k not in ("run_dir", "device", "checkpoint_every")}}

@@ -31,3 +31,15 @@ def test_multilabel_acc_is_mean_per_label_accuracy():
     metrics = classification_metrics(labels, scores, "multilabel")
     assert metrics["acc"] == (1.0 + 0.5) / 2
     assert abs(metrics["auc"] - np.mean([roc_auc_score(labels[:, k], scores[:, k]) for k in range(2)])) < 1e-12
+
+
+def test_cross_entropy_matches_scikit_learn():
+    from sklearn.metrics import log_loss
+
+    from chestssl.train.evaluate import cross_entropy
+
+    labels = np.array([0, 1, 1, 0, 2])
+    scores = np.array([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.8, 0.1], [0.4, 0.4, 0.2], [0.2, 0.2, 0.6]])
+    assert abs(cross_entropy(labels, scores, "multiclass") - log_loss(labels, scores)) < 1e-12
+    binary = np.array([0.2, 0.9, 0.6, 0.3])
+    assert abs(cross_entropy(np.array([0, 1, 1, 0]), binary, "binary") - log_loss([0, 1, 1, 0], binary)) < 1e-12
