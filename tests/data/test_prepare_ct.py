@@ -11,8 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from dicom_factory import write_slice as write_dicom_slice
+from pydicom.uid import generate_uid
 
 import chestssl.data.prepare_ct as prepare_module
 from chestssl.config import load_config
@@ -34,23 +34,8 @@ REASONS = {  # bad input -> what its manifest reason must say
 
 def write_slice(path: Path, z: float, uid: str, modality: str = "CT", size: int = 16) -> Path:
     """One small synthetic DICOM slice at height ``z`` mm, carrying a patient name and ID."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage if modality == "CT" else MRImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.SeriesInstanceUID, ds.ImageType = modality, uid, ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.PatientName, ds.PatientID, ds.SeriesDescription = "Doe^Jane", "PAT-SECRET-42", f"{modality} test"
-    ds.ImagePositionPatient, ds.ImageOrientationPatient = [-5.0, -5.0, float(z)], [1, 0, 0, 0, 1, 0]
-    ds.PixelSpacing, ds.SliceThickness = [0.7, 0.7], 1.0
-    ds.Rows = ds.Columns = size
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0
-    ds.PixelData = np.random.default_rng(int(z)).integers(0, 1200, (size, size), dtype=np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    stored = np.random.default_rng(int(z)).integers(0, 1200, (size, size), dtype=np.uint16)
+    return write_dicom_slice(path, z, uid, stored=stored, modality=modality, size=size)
 
 
 def write_series(folder: Path, count: int, modality: str = "CT", size: int = 16) -> Path:
