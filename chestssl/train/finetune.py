@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from chestssl.config import save_config, to_dict
+from chestssl.config import save_config
 from chestssl.data.augment import AugmentConfig
 from chestssl.data.batches import Normalisation, xray_preprocessing
 from chestssl.data.splits import label_fraction, load_splits
@@ -31,7 +31,7 @@ from chestssl.train import distributed
 from chestssl.train.checkpoint import atomic_save, check_preprocessing, load_weights, read, read_encoder
 from chestssl.train.evaluate import auc, classification_metrics, cross_entropy
 from chestssl.train.inputs import Labelled, Split, load_cache_splits, make_batches
-from chestssl.train.loop import Schedule, fit
+from chestssl.train.loop import Schedule, fit, resume_identity
 from chestssl.train.optim import param_groups, vit_layer_id
 
 log = logging.getLogger(__name__)
@@ -228,8 +228,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
                 atomic_save(model.state_dict(), {"epoch": epoch, "val_auc": val_auc, "val_loss": val_loss}, best_path)
         return {"val_auc": val_auc, "val_loss": val_loss}
 
-    identity = {"model": config.model, "source": source, "config": {k: v for k, v in to_dict(config).items()
-                                                                    if k not in ("run_dir", "device", "checkpoint_every")}}
+    identity = resume_identity(config, model=config.model, source=source)
     fit(model, optimizer, lambda epoch: batches.epoch(config.seed, epoch), schedule, context, run_dir, config.seed,
         identity, checkpoint_every=config.checkpoint_every, on_epoch_end=on_epoch_end, state=state,
         description=f"finetune {config.model} {config.label_fraction:g}")

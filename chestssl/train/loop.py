@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from chestssl.config import to_dict
 from chestssl.errors import ChestSSLError
 from chestssl.train.checkpoint import load_training_state, save_training_state
 from chestssl.train.distributed import Context, barrier, mean_across
@@ -46,6 +47,16 @@ class Schedule:
     warmup_epochs: float = 0.0
     min_lr_ratio: float = 0.0
     grad_clip: float = 0.0
+
+
+# Settings that change where or how often a run writes, not what it computes: a resume may change them.
+RUN_ONLY_KEYS = ("run_dir", "device", "checkpoint_every", "grid_every", "num_workers")
+
+
+def resume_identity(config: Any, **extra: Any) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the config without :data:`RUN_ONLY_KEYS`, plus ``extra``."""
+    settings = {key: value for key, value in to_dict(config).items() if key not in RUN_ONLY_KEYS}
+    return {**extra, "config": settings}
 
 
 def seed_everything(seed: int, epoch: int, rank: int) -> None:

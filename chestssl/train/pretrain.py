@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from chestssl.config import save_config, to_dict
+from chestssl.config import save_config
 from chestssl.data.augment import AugmentConfig
 from chestssl.data.batches import Normalisation, epoch_generator, xray_preprocessing
 from chestssl.data.volume_cache import read_manifest
@@ -21,7 +21,7 @@ from chestssl.report.reconstruction import save_reconstruction_grid
 from chestssl.train import distributed
 from chestssl.train.checkpoint import save_encoder
 from chestssl.train.inputs import cache_preprocessing, make_batches
-from chestssl.train.loop import Schedule, fit
+from chestssl.train.loop import Schedule, fit, resume_identity
 from chestssl.train.optim import param_groups
 
 log = logging.getLogger(__name__)
@@ -161,9 +161,7 @@ def pretrain(config: PretrainConfig) -> Path:
             reconstruction_figure(mae, preview, config.seed, path, f"MAE epoch {epoch + 1}")
         return {}
 
-    identity = {"method": "mae", "architecture": config.vit_config(image_size).to_dict(), "config": to_dict(config)}
-    identity["config"].pop("run_dir")
-    identity["config"].pop("device")
+    identity = resume_identity(config, method="mae", architecture=config.vit_config(image_size).to_dict())
     fit(mae, optimizer, lambda epoch: batches.epoch(config.seed, epoch), schedule, context, run_dir,
         config.seed, identity, checkpoint_every=config.checkpoint_every, on_epoch_end=on_epoch_end, description="pretrain")
     encoder_path = run_dir / ENCODER_NAME
