@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     lidc.add_argument("--spacing-mm", type=float, default=1.0, help="isotropic voxel size")
     lidc.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level 70/10/20 split")
     lidc.add_argument("--workers", type=int, default=2)
+    lidc.add_argument("--patches-from", nargs="+", default=(), metavar="PATH",
+                      help="full chest CT files or folders: add random lung crops, made like the cubes, for pretraining")
+    lidc.add_argument("--patches-per-volume", type=int, default=32, help="lung crops per full CT")
     report = commands.add_parser("report", help="rebuild the report of a benchmark run directory")
     report.add_argument("run_dir")
     args, extra = parser.parse_known_args(argv)
@@ -99,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
 
             manifest = build_lidc_nodules(args.data_dir, args.cache_dir, size=args.size, spacing_mm=args.spacing_mm,
                                           split_seed=args.split_seed, workers=args.workers)
+            if args.patches_from:
+                from chestssl.data.ct_patches import ct_patches
+
+                manifest = ct_patches(args.patches_from, args.cache_dir, args.patches_per_volume, seed=args.split_seed)
             print(f"manifest: {manifest}")
         elif args.command == "report":
             from chestssl.report.tables import write_report

@@ -1,66 +1,108 @@
-"""Random lung crops of full chest CTs, added to a volume cache as unlabelled entries for pretraining.
+"""Random lung crops of full chest CTs, added to a volume cache as unlabelled "pretrain" entries.
 
-Shapes: ``S`` the crop side (``size``); ``D, H, W`` a source volume's; every array is (z, y, x) in the canonical
-orientation of :func:`~chestssl.data.ct_io.read_ct`. The sources are a prepare-ct cache
-(:mod:`chestssl.data.prepare_ct`); the crops usually go beside the LIDC nodule cubes (:mod:`chestssl.data.lidc`).
+Shapes: ``S`` the crop side; ``D, H, W`` a resampled CT's; every array is (z, y, x) in the canonical orientation
+of :func:`~chestssl.data.ct_io.read_ct`. The crops are made exactly like the cache's own volumes: the cache's
+``preprocessing.json`` (usually the LIDC nodule cubes of :mod:`chestssl.data.lidc`) gives the voxel size, the cube
+side and the HU window, so pretraining sees one scale and one intensity scale, and the cache keeps one record.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from chestssl.data.ct import resample, window_hu
 from chestssl.data.ct_files import short_hash
-from chestssl.data.volume_cache import load_volume, read_manifest, save_volume, write_manifest
+from chestssl.data.ct_inputs import discover_inputs
+from chestssl.data.ct_io import read_ct
+from chestssl.data.ct_preprocess import LUNG_MASK_SPACING_MM, PrepareCTConfig, anti_alias
+from chestssl.data.lung_mask import lung_mask
+from chestssl.data.volume_cache import read_manifest, save_volume, write_manifest
 from chestssl.errors import DataError
 
+logger = logging.getLogger(__name__)
 
-def ct_patches(source_cache: str | Path, cache_dir: str | Path, size: int = 32, per_volume: int = 8, seed: int = 0,
-               min_lung_fraction: float = 0.5, exclude_splits: Sequence[str] = ("test",)) -> Path:
-    """Add random ``size``^3 crops of full chest CTs, mostly lung, to a cache as unlabelled "pretrain" entries.
+SETTINGS = "preprocessing.json"
 
-    Crops are drawn among all those at least ``min_lung_fraction`` lung (by the source's lung mask; a crop that
-    cannot be found is a ``failed`` row). At 64^3 a 32^3 crop is at most about 55% lung. The draw of a volume
-    depends only on ``seed`` and its id, so a re-run skips volumes whose crops are recorded. The crops keep the
-    source's HU window and spacing (``spacing_mm`` column): use the nodules' window in prepare-ct.
+
+def ct_patches(inputs: Sequence[str | Path], cache_dir: str | Path, per_volume: int = 32, seed: int = 0,
+               min_lung_fraction: float = 0.5, on_error: str = "skip") -> Path:
+    """Add ``per_volume`` random crops of each full chest CT in ``inputs`` to the cache at ``cache_dir``.
+
+    Each CT is resampled to the cache's isotropic ``spacing_mm`` (Gaussian anti-aliasing first), its lungs found
+    by :func:`~chestssl.data.lung_mask.lung_mask`, and ``S``^3 crops drawn among all those at least
+    ``min_lung_fraction`` lung, then windowed like the cache. Ids are short hashes of the path, the seed and the
+    crop number (nothing from a header); the draw depends only on ``seed`` and the path, so a re-run skips CTs
+    whose crops are recorded. A CT that cannot be read or has too little lung is a ``failed`` row with its reason.
 
     Args:
-        source_cache: a prepare-ct cache of full CTs (image and lung mask per volume, e.g. 64^3 or 128^3).
-        cache_dir: the cache to add to (e.g. the nodule cache; its other rows are kept).
-        size: crop side S in voxels.
-        per_volume: crops per source volume.
+        inputs: CT files or folders, as for ``prepare-ct`` (DICOM series, NIfTI, NRRD, MHA).
+        cache_dir: a cache with a ``preprocessing.json`` of spatial_dims 3, ``size``, ``spacing_mm``, ``hu_window``.
+        per_volume: crops per CT.
         seed: the draw's seed.
-        min_lung_fraction: the least share of a crop inside the source's lung mask.
-        exclude_splits: source volumes of these splits are never cropped (held-out data is not pretrained on).
+        min_lung_fraction: the least share of a crop inside the lung mask.
+        on_error: "skip" records a failed CT and goes on; "raise" records it and raises.
 
     Returns:
         The manifest path of ``cache_dir``.
     """
-    source_cache, cache_dir = Path(source_cache), Path(cache_dir)
-    sources = [row for row in read_manifest(source_cache)
-               if row["status"] == "ok" and row.get("split", "") not in exclude_splits]
-    if not sources:
-        raise DataError(f"{source_cache}: no ok volumes outside splits {list(exclude_splits)} to crop")
+    cache_dir = Path(cache_dir)
+    size, spacing, (hu_low, hu_high) = _cache_settings(cache_dir)
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     rows = {row["id"]: row for row in read_manifest(cache_dir)}
-    for source in sources:
-        keys = [short_hash(f"{source['id']}|{size}|{seed}|{k}") for k in range(per_volume)]
-        if all(key in rows for key in keys):
+    for item in discover_inputs(PrepareCTConfig(inputs=tuple(str(p) for p in inputs))):
+        keys = [short_hash(f"{item.id}|{size}|{spacing:g}|{seed}|{k}") for k in range(per_volume)]
+        failure = short_hash(f"{item.id}|{size}|{spacing:g}|{seed}|failed")  # one row for a CT that failed
+        if all(rows.get(key, {}).get("status") == "ok" for key in keys):
             continue
-        image, lung = load_volume(source_cache / source["file"])  # (D, H, W) each
-        rng = np.random.default_rng([seed, int(short_hash(source["id"]), 16)])
-        corners = _lung_corners(lung, size, per_volume, min_lung_fraction, rng)
+        rows.pop(failure, None)
+        try:
+            volume = read_ct(item.path)
+            hu = anti_alias(volume.hu, [spacing / s for s in volume.spacing])
+            hu = resample(hu, volume.spacing, (spacing,) * 3, "linear", fill_value=-1024.0)  # (D, H, W)
+            lung = lung_mask(hu, (spacing,) * 3, working_spacing_mm=max(LUNG_MASK_SPACING_MM, spacing))
+            rng = np.random.default_rng([seed, int(short_hash(item.id), 16)])
+            corners = _lung_corners(lung, size, per_volume, min_lung_fraction, rng)
+            if not corners:
+                raise DataError(f"{item.source}: no {size}^3 crop at {spacing:g} mm is {min_lung_fraction:.0%} lung "
+                                f"(lung mask {lung.sum() * spacing**3 / 1000:.2f} L in a {hu.shape} volume)")
+        except (ValueError, OSError, RuntimeError) as error:  # DataError is a ValueError; SimpleITK: RuntimeError
+            rows[failure] = {"id": failure, "source": item.source, "status": "failed", "split": "pretrain",
+                             "reason": " ".join(str(error).split())}
+            logger.warning("CT patches: %s failed: %s", item.source, error)
+            if on_error == "raise":
+                write_manifest(cache_dir, list(rows.values()))
+                raise
+            continue
         for key, corner in zip(keys, corners):
             box = tuple(slice(c, c + size) for c in corner)
-            save_volume(cache_dir / f"{key}.npz", image[box], lung[box])
-            rows[key] = {"id": key, "source": f"{source['id']}@z{corner[0]}y{corner[1]}x{corner[2]}", "status": "ok",
-                         "file": f"{key}.npz", "patient_id": source.get("patient_id", ""), "split": "pretrain",
-                         "shape": "x".join([str(size)] * 3), "spacing_mm": source.get("spacing_mm", "")}
+            save_volume(cache_dir / f"{key}.npz", window_hu(hu[box], hu_low, hu_high), lung[box])
+            rows[key] = {"id": key, "source": f"{item.source}@z{corner[0]}y{corner[1]}x{corner[2]}", "status": "ok",
+                         "reason": "", "file": f"{key}.npz", "split": "pretrain", "shape": "x".join([str(size)] * 3),
+                         "spacing_mm": "x".join([f"{spacing:g}"] * 3),
+                         "lung_ml": f"{lung[box].sum() * spacing**3 / 1000:.2f}"}
         for key in keys[len(corners):]:
-            rows[key] = {"id": key, "source": source["id"], "status": "failed", "split": "pretrain",
-                         "reason": f"volume {lung.shape}: no {size}^3 crop with {min_lung_fraction:.0%} lung found"}
+            rows[key] = {"id": key, "source": item.source, "status": "failed", "split": "pretrain",
+                         "reason": f"only {len(corners)} distinct {size}^3 crops are {min_lung_fraction:.0%} lung"}
+        logger.info("CT patches: %d crops of %s", len(corners), item.source)
     return write_manifest(cache_dir, list(rows.values()))
+
+
+def _cache_settings(cache_dir: Path) -> tuple[int, float, tuple[float, float]]:
+    """(size, spacing_mm, hu_window) from the cache's preprocessing record; DataError if it cannot hold crops."""
+    path = cache_dir / SETTINGS
+    if not path.is_file():
+        raise DataError(f"{cache_dir}: no {SETTINGS}; build the nodule cache first (chestssl prepare-lidc)")
+    record = json.loads(path.read_text())
+    spacing = record.get("spacing_mm")
+    if record.get("spatial_dims") != 3 or not isinstance(spacing, (int, float)) or "hu_window" not in record:
+        raise DataError(f"{path}: crops need a 3D cache with one isotropic spacing_mm and an hu_window, got {record}")
+    return int(record["size"]), float(spacing), (float(record["hu_window"][0]), float(record["hu_window"][1]))
 
 
 def _lung_corners(lung: np.ndarray, size: int, count: int, min_fraction: float,

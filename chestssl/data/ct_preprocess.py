@@ -109,7 +109,7 @@ def preprocess_volume(
             user's mask is empty or of another shape.
     """
     iso = (config.spacing_mm,) * 3
-    hu = _anti_alias(volume.hu, [config.spacing_mm / s for s in volume.spacing])
+    hu = anti_alias(volume.hu, [config.spacing_mm / s for s in volume.spacing])
     hu = resample(hu, volume.spacing, iso, "linear")  # (z, y, x) float32 at spacing_mm
     if mask is None:
         lung = lung_mask(hu, iso, working_spacing_mm=max(LUNG_MASK_SPACING_MM, config.spacing_mm))
@@ -125,14 +125,14 @@ def preprocess_volume(
     box = mask_bounding_box(lung, iso, config.margin_mm)
     image = window_hu(hu[box], config.hu_low, config.hu_high)  # (z, y, x) crop in [0, 1]
     crop_shape = image.shape
-    image = resize_to_cube(_anti_alias(image, [n / config.size for n in crop_shape]), config.size)
+    image = resize_to_cube(anti_alias(image, [n / config.size for n in crop_shape]), config.size)
     lung_cube = resize_to_cube(lung[box], config.size, is_mask=True)  # (S, S, S) nearest
     info = {"lung_ml": lung_ml, "resampled_shape": hu.shape, "crop_shape": crop_shape,
             "mask": "auto" if mask is None else "user"}
     return np.clip(image, 0.0, 1.0), lung_cube, info
 
 
-def _anti_alias(volume: np.ndarray, factors: list[float]) -> np.ndarray:
+def anti_alias(volume: np.ndarray, factors: list[float]) -> np.ndarray:
     """Gaussian-smooth (z, y, x) before shrinking each axis by ``factors`` (>1 means fewer voxels)."""
     sigma = [max(0.0, (f - 1.0) / 2.0) for f in factors]
     if not any(s > 0.1 for s in sigma):

@@ -219,13 +219,14 @@ if __name__ == "__main__":
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--patches-from", default=None, help="a prepare-ct cache of full CTs to add lung crops from")
+    parser.add_argument("--patches-from", nargs="*", default=(), help="full chest CTs to add lung crops from")
+    parser.add_argument("--patches-per-volume", type=int, default=32)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     manifest = build_lidc_nodules(args.data_dir, args.cache_dir, args.size, args.spacing_mm,
                                   split_seed=args.split_seed, workers=args.workers, limit=args.limit)
     if args.patches_from:
-        manifest = ct_patches(args.patches_from, args.cache_dir, args.size, seed=args.split_seed)
+        manifest = ct_patches(args.patches_from, args.cache_dir, args.patches_per_volume, seed=args.split_seed)
     counts = Counter((row["status"], row["split"], row["label"]) for row in read_manifest(args.cache_dir))
     for (status, split, label), count in sorted(counts.items()):
         print(f"{status:7s} {split:9s} {({'0': 'benign', '1': 'malignant'}).get(label, '-'):10s} {count}")

@@ -141,8 +141,9 @@ def pretrain(config: PretrainConfig) -> Path:
         inputs, preprocessing = unlabelled_volumes(config)
         image_size = int(preprocessing["size"])
         augment = AugmentConfig(intensity=config.intensity)
-    log.info("pretraining on %d unlabelled %s (excluding splits %s)", len(inputs),
-             "images" if config.spatial_dims == 2 else "volumes", config.exclude_splits)
+    if context.is_main:
+        log.info("pretraining on %d unlabelled %s (excluding splits %s) in %d process(es)", len(inputs),
+                 "images" if config.spatial_dims == 2 else "volumes", config.exclude_splits, context.world_size)
     batches = make_batches(inputs, None, config.batch_size, normalisation, augment, True, True, context.rank,
                            context.world_size, context.device, config.num_workers)
     torch.manual_seed(config.seed)

@@ -20,12 +20,15 @@ from chestssl.train.pretrain import PretrainConfig, pretrain
 
 log = logging.getLogger(__name__)
 
-# Each initialisation is a set of fine-tuning settings; "{encoder}" is the pretrained encoder file.
+# Each initialisation is a set of fine-tuning settings; "{encoder}" is the pretrained encoder file, and
+# "{encoder_lung}" the one pretrained with the lung-weighted loss (Dack et al.).
 INITS = {
     "resnet18-scratch": ("model=resnet18", "encoder=null", "mode=full", "layer_decay=1.0", "drop_path=0.0"),
     "vit-scratch": ("model=vit", "encoder=null", "mode=full", "layer_decay=1.0"),
     "vit-mae": ("model=vit", "encoder={encoder}", "mode=full"),
     "vit-mae-linear": ("model=vit", "encoder={encoder}", "mode=linear"),
+    "vit-mae-lung": ("model=vit", "encoder={encoder_lung}", "mode=full"),
+    "vit-mae-lung-linear": ("model=vit", "encoder={encoder_lung}", "mode=linear"),
 }
 
 
@@ -35,6 +38,8 @@ class BenchmarkConfig:
 
     ``finetune`` holds the settings shared by every run; ``init_overrides`` adds ``key=value`` settings per
     initialisation (for example a higher learning rate for the ResNet); ``encoder`` skips pretraining.
+    The ``vit-mae-lung`` initialisations use a second pretraining, ``pretrain`` with ``lung_weight`` (or the
+    given ``encoder_lung``), so the two encoders differ in the loss alone.
     """
 
     run_dir: str = "runs/benchmark"
@@ -43,6 +48,8 @@ class BenchmarkConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     inits: tuple[str, ...] = ("resnet18-scratch", "vit-scratch", "vit-mae")
     encoder: str | None = None
+    encoder_lung: str | None = None
+    lung_weight: float = 0.01
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     init_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -55,12 +62,17 @@ class BenchmarkConfig:
         unknown = sorted(set(self.init_overrides) - set(INITS))
         if unknown:
             raise ValueError(f"init_overrides names unknown initialisation(s) {unknown}; valid: {sorted(INITS)}")
+        if self.pretrain.lung_weight is not None and any("{encoder_lung}" in " ".join(INITS[i]) for i in self.inits):
+            raise ValueError(f"pretrain.lung_weight={self.pretrain.lung_weight} would make the vit-mae encoder "
+                             "lung-weighted too; leave it unset and set lung_weight for the vit-mae-lung encoder")
 
 
-def run_config(config: BenchmarkConfig, init: str, fraction: float, seed: int, encoder: str | None) -> FinetuneConfig:
-    """The fine-tuning settings of one cell of the grid."""
+def run_config(config: BenchmarkConfig, init: str, fraction: float, seed: int, encoders: dict[str, str]) -> FinetuneConfig:
+    """The fine-tuning settings of one cell of the grid; ``encoders`` maps "encoder"/"encoder_lung" to files."""
     base = to_dict(config.finetune)
-    overrides = [o.replace("{encoder}", str(encoder)) for o in INITS[init]]
+    overrides = list(INITS[init])
+    for name, path in encoders.items():
+        overrides = [o.replace("{" + name + "}", str(path)) for o in overrides]
     overrides += list(config.init_overrides.get(init, ()))
     for key, values in config.fraction_overrides.items():
         if float(key) == float(fraction):
@@ -84,11 +96,15 @@ def benchmark(config: BenchmarkConfig) -> Path:
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
-    encoder = config.encoder
-    if encoder is None and any("{encoder}" in " ".join(INITS[i]) for i in config.inits):
-        pretrain_config = dataclasses.replace(config.pretrain, run_dir=str(run_dir / "pretrain"),
-                                              data_dir=config.data_dir or config.pretrain.data_dir)
-        encoder = str(pretrain(pretrain_config))
+    encoders = {}
+    for name, given, folder, lung_weight in (("encoder", config.encoder, "pretrain", config.pretrain.lung_weight),
+                                             ("encoder_lung", config.encoder_lung, "pretrain_lung", config.lung_weight)):
+        if given is not None:
+            encoders[name] = given
+        elif any("{" + name + "}" in " ".join(INITS[i]) for i in config.inits):
+            encoders[name] = str(pretrain(dataclasses.replace(
+                config.pretrain, run_dir=str(run_dir / folder), lung_weight=lung_weight,
+                data_dir=config.data_dir or config.pretrain.data_dir)))
     results_path = run_dir / "results.csv"
     done = _finished(results_path)
     # seed by seed, so a stopped benchmark has whole seeds to report
@@ -97,7 +113,7 @@ def benchmark(config: BenchmarkConfig) -> Path:
         if (init, float(fraction), seed) in done:
             continue
         log.info("benchmark run %d/%d: %s, %g of the labels, seed %d", number, len(cells), init, fraction, seed)
-        result = finetune(run_config(config, init, fraction, seed, encoder))
+        result = finetune(run_config(config, init, fraction, seed, encoders))
         row = {"init": init, **{key: result.get(key) for key in RESULT_COLUMNS if key != "init"}}
         new_file = not results_path.exists()
         with results_path.open("a", newline="") as stream:

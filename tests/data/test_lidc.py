@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from chestssl.data.ct import resize_to_cube, window_hu
+from chestssl.data.ct import window_hu
 from chestssl.data.ct_io import read_ct
 from chestssl.data.ct_patches import ct_patches
 from chestssl.data.lidc import INDEX, SIDECAR, build_lidc_nodules, lidc_splits, nodule_id, read_index
-from chestssl.data.lung_mask import lung_mask
 from chestssl.data.nodule_cube import nodule_cube
-from chestssl.data.volume_cache import load_volume, read_manifest, save_volume, write_manifest
+from chestssl.data.volume_cache import load_volume, read_manifest
 from chestssl.errors import DataError
 
 LIMIT = 12  # index rows spread over the 996 (the full build takes about 12-30 s on this machine)
@@ -123,22 +122,29 @@ def test_a_rerun_builds_nothing_and_refuses_other_settings(cache, lidc_dir, capl
         build_lidc_nodules(lidc_dir, cache, size=16, limit=LIMIT)
 
 
-def test_ct_patches_are_mostly_lung(shared_data, tmp_path):
-    volume = read_ct(shared_data / "ct/pyradiomics/lung1_image.nrrd")
-    lung = lung_mask(volume.hu, volume.spacing)
-    full = tmp_path / "full"  # a 64^3 full-CT cache like prepare-ct's, one volume per split kind
-    save_volume(full / "chest.npz", resize_to_cube(window_hu(volume.hu, -1000, 400), 64), resize_to_cube(lung, 64))
-    write_manifest(full, [{"id": "chest", "status": "ok", "file": "chest.npz", "split": "train"},
-                          {"id": "held-out", "status": "ok", "file": "chest.npz", "split": "test"}])
-    assert ct_patches(full, tmp_path / "patches", size=32, per_volume=4, seed=0) == tmp_path / "patches/manifest.csv"
-    manifest = read_manifest(tmp_path / "patches")
-    assert len(manifest) == 4 and {row["split"] for row in manifest} == {"pretrain"}
-    assert all(row["status"] == "ok" and row["label"] == "" and row["source"].startswith("chest@") for row in manifest)
-    for row in manifest:
-        image, crop_lung = load_volume(tmp_path / "patches" / row["file"])
+def test_ct_patches_are_made_like_the_cubes_and_mostly_lung(shared_data, cache, tmp_path):
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    (patches / "preprocessing.json").write_text((cache / "preprocessing.json").read_text())  # 32^3, 1 mm, [-1000, 400]
+    chest, abdomen = shared_data / "ct/pyradiomics/lung1_image.nrrd", shared_data / "ct/totalsegmentator/abdomen_ct_dicom"
+    assert ct_patches([chest, abdomen], patches, per_volume=4, seed=0) == patches / "manifest.csv"
+    manifest = read_manifest(patches)
+    crops = [row for row in manifest if row["status"] == "ok"]
+    assert len(crops) == 4 and {row["split"] for row in manifest} == {"pretrain"}
+    assert all(row["label"] == "" and row["source"].startswith(f"{chest}@") and row["spacing_mm"] == "1x1x1"
+               for row in crops)
+    [failed] = [row for row in manifest if row["status"] == "failed"]  # lung bases only: one row, with the reason
+    assert failed["source"] == str(abdomen) and "no 32^3 crop at 1 mm is 50% lung" in failed["reason"]
+
+    volume = read_ct(chest)  # the crops hold HU windowed like the cubes, at 1 mm
+    hu_range = window_hu(np.array([volume.hu.min(), volume.hu.max()]), -1000, 400)
+    for row in crops:
+        image, crop_lung = load_volume(patches / row["file"])
         assert image.shape == (32, 32, 32) and crop_lung.mean() >= 0.5
-    ct_patches(full, tmp_path / "patches", size=32, per_volume=4, seed=0)
-    assert read_manifest(tmp_path / "patches") == manifest
-    ct_patches(full, tmp_path / "strict", size=32, per_volume=2, min_lung_fraction=0.9)
-    failed = read_manifest(tmp_path / "strict")
-    assert [row["status"] for row in failed] == ["failed", "failed"] and "no 32^3 crop" in failed[0]["reason"]
+        assert hu_range[0] - 1e-3 <= image.min() and image.max() <= hu_range[1] + 1e-3
+        assert image[crop_lung].mean() < 0.3  # lung parenchyma: about -850 HU -> 0.11 in [-1000, 400]
+
+    ct_patches([chest, abdomen], patches, per_volume=4, seed=0)  # a re-run keeps the crops and the failure
+    assert read_manifest(patches) == manifest
+    with pytest.raises(DataError, match="no preprocessing.json"):
+        ct_patches([chest], tmp_path / "empty")

@@ -1,10 +1,12 @@
 """Two CPU processes on gloo train the same model through the shared loop and stay identical."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -25,3 +27,31 @@ def test_two_process_ddp_replicas_stay_identical(tmp_path):
     assert metadata["changed"] == "True"  # the weights moved: the replicas agree because they were synchronised
     assert metadata["per_rank_batch"] == "[8]"  # each process took half of the global batch of 16
     assert (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
+def test_3d_lung_weighted_pretraining_under_torchrun(tmp_path):
+    """The real command on a CT volume cache, two processes: each reads its half of every batch from disk."""
+    from chestssl.data.volume_cache import save_volume, write_manifest
+
+    cache, rng = tmp_path / "cache", np.random.default_rng(0)
+    rows = []
+    for index in range(24):
+        lung = np.zeros((16, 16, 16), bool)
+        lung[2:14, 2:8] = True
+        save_volume(cache / f"v{index}.npz", rng.random((16, 16, 16), dtype=np.float32), lung)
+        rows.append({"id": f"v{index}", "status": "ok", "file": f"v{index}.npz", "split": "train"})
+    write_manifest(cache, rows)
+    (cache / "preprocessing.json").write_text(json.dumps({"modality": "ct", "spatial_dims": 3, "size": 16}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "chestssl.cli",
+               "pretrain", "--run-dir", str(tmp_path / "run"), "device=cpu", "spatial_dims=3",
+               f"cache_dirs=[{cache}]", "patch_size=8", "hidden_size=32", "depth=1", "num_heads=2",
+               "decoder_hidden_size=32", "decoder_depth=1", "decoder_num_heads=2", "loss=l1", "lung_weight=0.01",
+               "norm_pix_loss=false", "epochs=2", "batch_size=8", "warmup_epochs=0", "grid_every=0"]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stderr.count("pretraining on 24 unlabelled volumes (excluding splits ('test',)) in 2 process") == 1
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["epoch"], e["step"]) for e in epochs] == [(0, 3), (1, 6)]  # 24 volumes / global batch 8
+    meta = json.loads((tmp_path / "run" / "encoder.json").read_text())
+    assert meta["method"] == "mae-lung-weighted" and meta["architecture"]["spatial_dims"] == 3
