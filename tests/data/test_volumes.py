@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import chestssl.data.volumes as volumes_module
-from chestssl.data.volume_cache import save_volume, write_manifest
+from chestssl.data.volume_cache import load_volume, save_volume, write_manifest
 from chestssl.data.volumes import VolumeBatches, manifest_files
 from chestssl.errors import DataError
 
@@ -112,3 +112,14 @@ def test_manifest_files_lists_the_ok_volumes(tmp_path):
                               {"id": "v01", "status": "ok", "file": "v01.npz", "label": "0"}])
     files, rows = manifest_files(tmp_path)
     assert files == [tmp_path / "v00.npz", tmp_path / "v01.npz"] and [r["label"] for r in rows] == ["1", "0"]
+
+
+def test_a_plain_cache_file_reads_back_like_a_compressed_one(tmp_path):
+    rng = np.random.default_rng(0)
+    image, lung = rng.random((16, 16, 16), dtype=np.float32), rng.random((16, 16, 16)) > 0.5
+    save_volume(tmp_path / "compressed.npz", image, lung)
+    save_volume(tmp_path / "plain.npz", image, lung, compress=False)
+    for a, b in zip(load_volume(tmp_path / "compressed.npz"), load_volume(tmp_path / "plain.npz")):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(load_volume(tmp_path / "plain.npz")[0], image, atol=1e-3)  # float16 storage
+    assert (tmp_path / "plain.npz").stat().st_size > (tmp_path / "compressed.npz").stat().st_size
