@@ -36,18 +36,22 @@ def save_reconstruction_grid(
     for sample in range(original.shape[0]):
         triple = [t[sample, 0].detach().float().cpu().numpy() for t in (original, masked, reconstruction)]
         rows += list(zip(*[_views(v) for v in triple]))
+    names = ["axial", "coronal", "sagittal"] * original.shape[0] if original.ndim == 5 else [""] * len(rows)
     low = float(original.min())
     high = float(original.max())
-    figure, axes = plt.subplots(len(rows), 3, figsize=(4.5, 1.5 * len(rows)), squeeze=False)
-    for row, images in zip(axes, rows):
+    height = 1.5 * len(rows) + 0.4  # inches; the top 0.4 for the title
+    figure, axes = plt.subplots(len(rows), 3, figsize=(4.8, height), squeeze=False)
+    for row, images, name in zip(axes, rows, names):
         for axis, image in zip(row, images):
             axis.imshow(image, cmap="gray", vmin=low, vmax=high)
-            axis.axis("off")
+            axis.set_xticks([])
+            axis.set_yticks([])
+        row[0].set_ylabel(name, fontsize=7)
     for axis, name in zip(axes[0], ("original", "masked", "reconstruction")):
         axis.set_title(name, fontsize=8)
     if title:
         figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.4 / height))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
