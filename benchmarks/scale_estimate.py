@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+
+from mae_throughput import count_flops, time_steps  # the sibling script: the same timing and FLOP count
 
 from chestssl.data.ct import resample
 from chestssl.data.ct_io import read_ct
@@ -86,20 +87,6 @@ def mae_step(args: argparse.Namespace, device: torch.device):
         optimizer.step()
 
     return step
-
-
-def step_seconds(step, device: torch.device, repeats: int) -> float:
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def hours(seconds: float) -> str:
@@ -161,10 +148,8 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     step = mae_step(args, device)
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops = counter.get_total_flops() / args.batch_size
-    seconds = step_seconds(step, device, args.repeats) / args.batch_size
+    flops = count_flops(step) / args.batch_size
+    seconds = time_steps(step, device, warmup=1, repeats=args.repeats) / args.batch_size
     print(f"3. MAE step (ViT {args.hidden_size}x{args.depth}, patch {args.patch_size}, decoder "
           f"{args.decoder_hidden_size}x{args.decoder_depth}, 75% masked): {flops / 1e9:.0f} GFLOP per volume; "
           f"{device.type}: {seconds:.3f} s per volume ({flops / seconds / 1e12:.2f} TFLOP/s)")

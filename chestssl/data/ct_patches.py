@@ -21,12 +21,10 @@ from chestssl.data.ct_inputs import discover_inputs
 from chestssl.data.ct_io import read_ct
 from chestssl.data.ct_preprocess import LUNG_MASK_SPACING_MM, PrepareCTConfig, anti_alias
 from chestssl.data.lung_mask import lung_mask
-from chestssl.data.volume_cache import read_manifest, save_volume, write_manifest
+from chestssl.data.volume_cache import PREPROCESSING, read_manifest, save_volume, write_manifest
 from chestssl.errors import DataError
 
 logger = logging.getLogger(__name__)
-
-SETTINGS = "preprocessing.json"
 
 
 def ct_patches(inputs: Sequence[str | Path], cache_dir: str | Path, per_volume: int = 32, seed: int = 0,
@@ -95,9 +93,9 @@ def ct_patches(inputs: Sequence[str | Path], cache_dir: str | Path, per_volume: 
 
 def _cache_settings(cache_dir: Path) -> tuple[int, float, tuple[float, float]]:
     """(size, spacing_mm, hu_window) from the cache's preprocessing record; DataError if it cannot hold crops."""
-    path = cache_dir / SETTINGS
+    path = cache_dir / PREPROCESSING
     if not path.is_file():
-        raise DataError(f"{cache_dir}: no {SETTINGS}; build the nodule cache first (chestssl prepare-lidc)")
+        raise DataError(f"{cache_dir}: no {PREPROCESSING}; build the nodule cache first (chestssl prepare-lidc)")
     record = json.loads(path.read_text())
     spacing = record.get("spacing_mm")
     if record.get("spatial_dims") != 3 or not isinstance(spacing, (int, float)) or "hu_window" not in record:

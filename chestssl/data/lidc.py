@@ -22,13 +22,13 @@ from chestssl.data.ct_io import read_ct
 from chestssl.data.ct_patches import ct_patches
 from chestssl.data.nodule_cube import nodule_cube
 from chestssl.data.splits import patient_split
-from chestssl.data.volume_cache import read_manifest, save_volume, write_manifest
+from chestssl.data.volume_cache import PREPROCESSING, read_manifest, save_volume, write_manifest
 from chestssl.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 INDEX, IMAGES, MASKS = "nodules_index.csv", "VOIs/image", "VOIs/nodule_mask"
-SIDECAR, SETTINGS = "nodules.csv", "preprocessing.json"  # the same record as prepare-ct writes
+SIDECAR = "nodules.csv"
 SIDECAR_COLUMNS = ["id", "patient_id", "diagnosis", "malignancy_value", "diameter_mm", "nodule_ml", "nodule_kept",
                    "inside_fraction", "lung_fraction"]
 SPLITS = ("train", "val", "test")
@@ -184,7 +184,7 @@ class _NotHU(logging.Filter):
 
 
 def _check_settings(cache_dir: Path, settings: dict) -> None:
-    path = cache_dir / SETTINGS
+    path = cache_dir / PREPROCESSING
     if path.is_file():
         made_with = json.loads(path.read_text())
         if made_with != settings:

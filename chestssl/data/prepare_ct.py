@@ -26,12 +26,11 @@ from chestssl.config import save_config
 from chestssl.data.ct_inputs import InputItem, discover_inputs
 from chestssl.data.ct_io import read_ct
 from chestssl.data.ct_preprocess import PrepareCTConfig, preprocess_volume, preprocessing_record, read_mask
-from chestssl.data.volume_cache import read_manifest, save_volume, write_manifest
+from chestssl.data.volume_cache import PREPROCESSING, read_manifest, save_volume, write_manifest
 from chestssl.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-PREPROCESSING_FILE = "preprocessing.json"
 CONFIG_FILE = "prepare_config.yaml"
 
 
@@ -85,7 +84,7 @@ def prepare_ct(config: PrepareCTConfig) -> Path:
 def _record_preprocessing(config: PrepareCTConfig, cache: Path, has_volumes: bool) -> None:
     """Write ``preprocessing.json``; refuse a cache whose volumes were made another way."""
     record = json.loads(json.dumps(preprocessing_record(config)))
-    path = cache / PREPROCESSING_FILE
+    path = cache / PREPROCESSING
     if has_volumes and path.is_file():
         try:
             previous = json.loads(path.read_text())

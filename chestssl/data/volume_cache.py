@@ -17,6 +17,7 @@ import numpy as np
 from chestssl.errors import DataError
 
 MANIFEST = "manifest.csv"
+PREPROCESSING = "preprocessing.json"  # how a cache's volumes were made; caches made differently do not mix
 # id: cache key; source: the input as the user named it; status: "ok" or "failed"; reason: why it failed;
 # file: the .npz relative to the cache; label / patient_id / split: from the user's manifest or a dataset builder
 MANIFEST_COLUMNS = ["id", "source", "status", "reason", "file", "label", "patient_id", "split",

@@ -15,11 +15,10 @@ import numpy as np
 from chestssl.data.augment import AugmentConfig
 from chestssl.data.batches import Batches, Normalisation
 from chestssl.data.splits import patient_split
-from chestssl.data.volume_cache import read_manifest
+from chestssl.data.volume_cache import PREPROCESSING, read_manifest
 from chestssl.data.volumes import VolumeBatches
 from chestssl.errors import DataError
 
-PREPROCESSING_FILE = "preprocessing.json"
 
 
 @dataclass(frozen=True)
@@ -54,9 +53,9 @@ class Labelled:
 
 def cache_preprocessing(cache_dir: str | Path) -> dict:
     """The preprocessing record of a volume cache (``preprocessing.json``)."""
-    path = Path(cache_dir) / PREPROCESSING_FILE
+    path = Path(cache_dir) / PREPROCESSING
     if not path.is_file():
-        raise DataError(f"{cache_dir} has no {PREPROCESSING_FILE}: it is not a chestssl volume cache (run prepare-ct)")
+        raise DataError(f"{cache_dir} has no {PREPROCESSING}: it is not a chestssl volume cache (run prepare-ct)")
     return json.loads(path.read_text())
 
 
