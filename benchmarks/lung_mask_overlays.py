@@ -24,8 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import ndimage as ndi  # noqa: E402
 
-from chestssl.data.ct_io import CTVolume, read_ct  # noqa: E402
-from chestssl.data.lung_mask import lung_mask  # noqa: E402
+from chestssl.data.ct.io import CTVolume, read_ct  # noqa: E402
+from chestssl.data.ct.lung_mask import lung_mask  # noqa: E402
 
 VOLUMES = {
     "lung1": "ct/pyradiomics/lung1_image.nrrd",

@@ -1,6 +1,6 @@
 """Time the prepare-ct per-volume path against a common reference recipe, on the real 512x512xN chest CTs.
 
-chestssl: ``read_ct`` → :func:`~chestssl.data.ct_preprocess.preprocess_volume` (anti-aliased SimpleITK
+chestssl: ``read_ct`` → :func:`~chestssl.data.ct.preprocess.preprocess_volume` (anti-aliased SimpleITK
 resampling to 1.5 mm, lung mask, crop, HU window, resize to the cube) → ``save_volume``; the best of
 ``--repeats`` runs. Reference: ``read_ct`` → ``scipy.ndimage.zoom(order=3)`` to isotropic 1 mm → HU clip
 to the window (scaled to [0, 1]) → ``zoom(order=3)`` to the cube; timed once (it is slow). Both are
@@ -24,9 +24,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from chestssl.data.ct_io import read_ct
-from chestssl.data.ct_preprocess import PrepareCTConfig, preprocess_volume
-from chestssl.data.volume_cache import save_volume
+from chestssl.data.ct.io import read_ct
+from chestssl.data.ct.preprocess import PrepareCTConfig, preprocess_volume
+from chestssl.data.ct.cache import save_volume
 
 VOLUMES = {
     "lung1 (NRRD)": "ct/pyradiomics/lung1_image.nrrd",

@@ -35,10 +35,10 @@ import torch
 
 from mae_throughput import count_flops, time_steps  # the sibling script: the same timing and FLOP count
 
-from chestssl.data.ct import resample
-from chestssl.data.ct_io import read_ct
-from chestssl.data.ct_preprocess import PrepareCTConfig, preprocess_volume
-from chestssl.data.volume_cache import load_volume, save_volume
+from chestssl.data.ct.ops import resample
+from chestssl.data.ct.io import read_ct
+from chestssl.data.ct.preprocess import PrepareCTConfig, preprocess_volume
+from chestssl.data.ct.cache import load_volume, save_volume
 from chestssl.methods.mae import MAE
 from chestssl.models.vit import ViT, ViTConfig
 

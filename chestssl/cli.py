@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             report_path = benchmark(load_config(BenchmarkConfig, args.config, _overrides(args)))
             print(f"report: {report_path}")
         elif args.command == "prepare-ct":
-            from chestssl.data.ct_preprocess import PrepareCTConfig
-            from chestssl.data.prepare_ct import prepare_ct
+            from chestssl.data.ct.preprocess import PrepareCTConfig
+            from chestssl.data.ct.prepare import prepare_ct
 
             overrides = [item for item in args.inputs if "=" in item]
             paths = [item for item in args.inputs if "=" not in item]
@@ -98,12 +98,12 @@ def main(argv: list[str] | None = None) -> int:
                 overrides.append(f"cache_dir={args.cache_dir}")
             print(f"manifest: {prepare_ct(load_config(PrepareCTConfig, args.config, overrides))}")
         elif args.command == "prepare-lidc":
-            from chestssl.data.lidc import build_lidc_nodules
+            from chestssl.data.ct.lidc import build_lidc_nodules
 
             manifest = build_lidc_nodules(args.data_dir, args.cache_dir, size=args.size, spacing_mm=args.spacing_mm,
                                           split_seed=args.split_seed, workers=args.workers)
             if args.patches_from:
-                from chestssl.data.ct_patches import ct_patches
+                from chestssl.data.ct.patches import ct_patches
 
                 manifest = ct_patches(args.patches_from, args.cache_dir, args.patches_per_volume, seed=args.split_seed)
             print(f"manifest: {manifest}")

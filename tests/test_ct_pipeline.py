@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from chestssl.data.lidc import build_lidc_nodules
+from chestssl.data.ct.lidc import build_lidc_nodules
 from chestssl.errors import CheckpointError
 from chestssl.train.finetune import FinetuneConfig, finetune
 from chestssl.train.pretrain import PretrainConfig, pretrain

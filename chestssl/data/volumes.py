@@ -1,7 +1,7 @@
 """Batches of preprocessed CT volumes, read from the cache on the fly, seeded per (seed, epoch), sharded by rank.
 
 The 3D counterpart of :class:`chestssl.data.batches.Batches`: the same order, sharding and seeding, but
-the volumes stay on disk (``<cache>/<id>.npz`` written by :func:`chestssl.data.prepare_ct.prepare_ct`)
+the volumes stay on disk (``<cache>/<id>.npz`` written by :func:`chestssl.data.ct.prepare.prepare_ct`)
 and a ``DataLoader`` reads only this process's part of each batch, at most ``num_workers x
 PREFETCH_BATCHES`` batches ahead, so memory does not grow with the dataset.
 
@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from chestssl.data.batches import epoch_generator
-from chestssl.data.volume_cache import MANIFEST, load_volume, read_manifest
+from chestssl.data.ct.cache import MANIFEST, load_volume, read_manifest
 from chestssl.errors import DataError
 
 PREFETCH_BATCHES = 2  # per loader worker

@@ -1,7 +1,7 @@
 """What a run trains on, behind one interface: 2D images held in memory, or cached CT volumes read on the fly.
 
 Legend: ``N`` samples. A :class:`Split` holds either uint8 images (N, 1, H, W) or the ``.npz`` files of a volume
-cache (see :mod:`chestssl.data.volume_cache`); :func:`make_batches` gives the matching batch iterator.
+cache (see :mod:`chestssl.data.ct.cache`); :func:`make_batches` gives the matching batch iterator.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 from chestssl.data.augment import AugmentConfig
 from chestssl.data.batches import Batches, Normalisation
 from chestssl.data.splits import patient_split
-from chestssl.data.volume_cache import PREPROCESSING, read_manifest
+from chestssl.data.ct.cache import PREPROCESSING, read_manifest
 from chestssl.data.volumes import VolumeBatches
 from chestssl.errors import DataError
 

@@ -12,7 +12,7 @@ import torch
 from chestssl.config import save_config
 from chestssl.data.augment import AugmentConfig
 from chestssl.data.batches import Normalisation, epoch_generator, xray_preprocessing
-from chestssl.data.volume_cache import read_manifest
+from chestssl.data.ct.cache import read_manifest
 from chestssl.errors import ConfigError
 from chestssl.methods.mae import MAE
 from chestssl.models.patches import patchify, unpatchify
@@ -122,7 +122,7 @@ def reconstruction_figure(mae: MAE, images: torch.Tensor, seed: int, path: Path,
 
 def pretrain(config: PretrainConfig) -> Path:
     """Run (or resume) MAE pretraining; returns the path of the exported encoder."""
-    from chestssl.data.unlabelled import load_unlabelled
+    from chestssl.data.xray.unlabelled import load_unlabelled
 
     context = distributed.setup(config.device)
     run_dir = Path(config.run_dir)

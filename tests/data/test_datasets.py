@@ -13,10 +13,11 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-import chestssl.data.medmnist as medmnist
-from chestssl.data.datasets import DATASETS, NIH_FINDINGS, load_dataset
+import chestssl.data.xray.medmnist as medmnist
+from chestssl.data.datasets import DATASETS, load_dataset
+from chestssl.data.xray.sources import NIH_FINDINGS
 from chestssl.data.paths import cache_dir, resolve_data_dir
-from chestssl.data.unlabelled import load_unlabelled
+from chestssl.data.xray.unlabelled import load_unlabelled
 from chestssl.errors import DataError
 
 

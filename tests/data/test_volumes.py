@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import chestssl.data.volumes as volumes_module
-from chestssl.data.volume_cache import load_volume, save_volume, write_manifest
+from chestssl.data.ct.cache import load_volume, save_volume, write_manifest
 from chestssl.data.volumes import VolumeBatches, manifest_files
 from chestssl.errors import DataError
 

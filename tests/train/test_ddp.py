@@ -31,7 +31,7 @@ def test_two_process_ddp_replicas_stay_identical(tmp_path):
 
 def test_3d_lung_weighted_pretraining_under_torchrun(tmp_path):
     """The real command on a CT volume cache, two processes: each reads its half of every batch from disk."""
-    from chestssl.data.volume_cache import save_volume, write_manifest
+    from chestssl.data.ct.cache import save_volume, write_manifest
 
     cache, rng = tmp_path / "cache", np.random.default_rng(0)
     rows = []

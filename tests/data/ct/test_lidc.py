@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from chestssl.data.ct import window_hu
-from chestssl.data.ct_io import read_ct
-from chestssl.data.ct_patches import ct_patches
-from chestssl.data.lidc import INDEX, SIDECAR, build_lidc_nodules, lidc_splits, nodule_id, read_index
-from chestssl.data.nodule_cube import nodule_cube
-from chestssl.data.volume_cache import load_volume, read_manifest
+from chestssl.data.ct.ops import window_hu
+from chestssl.data.ct.io import read_ct
+from chestssl.data.ct.patches import ct_patches
+from chestssl.data.ct.lidc import INDEX, SIDECAR, build_lidc_nodules, lidc_splits, nodule_id, read_index
+from chestssl.data.ct.nodule_cube import nodule_cube
+from chestssl.data.ct.cache import load_volume, read_manifest
 from chestssl.errors import DataError
 
 LIMIT = 12  # index rows spread over the 996 (the full build takes about 12-30 s on this machine)
@@ -114,7 +114,7 @@ def test_rows_without_an_image_fail_with_a_reason(lidc_dir, index, tmp_path):
 
 def test_a_rerun_builds_nothing_and_refuses_other_settings(cache, lidc_dir, caplog):
     times = {path.name: path.stat().st_mtime_ns for path in cache.glob("*.npz")}
-    with caplog.at_level(logging.INFO, logger="chestssl.data.lidc"):
+    with caplog.at_level(logging.INFO, logger="chestssl.data.ct.lidc"):
         build_lidc_nodules(lidc_dir, cache, limit=LIMIT)
     assert "0 built, 0 failed, 12 already done" in caplog.text
     assert times == {path.name: path.stat().st_mtime_ns for path in cache.glob("*.npz")}

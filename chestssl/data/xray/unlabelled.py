@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from chestssl.data.datasets import DATASETS, load_dataset
-from chestssl.data.io import read_xrays, resize_image
+from chestssl.data.xray.io import read_xrays, resize_image
 from chestssl.data.paths import resolve_data_dir
 from chestssl.data.types import ImageDataset
 from chestssl.errors import DataError

@@ -6,7 +6,7 @@ axes (x, y, z) point to the patient's left, posterior and superior, and the nump
 An axial slice ``hu[k]`` shown with ``imshow`` is in the radiological convention (anterior up,
 the patient's right on the left of the image).
 
-DICOM folders are read by :mod:`chestssl.data.dicom_series` (one series chosen by rule, slices
+DICOM folders are read by :mod:`chestssl.data.ct.dicom_series` (one series chosen by rule, slices
 ordered along the slice normal, rescale applied); image files by nibabel (NIfTI) or SimpleITK.
 Nothing that identifies the patient is logged or kept: a volume is named by a short hash of its
 SeriesInstanceUID or of its file path.
@@ -22,8 +22,8 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from chestssl.data.ct_files import IMAGE_SUFFIXES, has_dicom_preamble, short_hash
-from chestssl.data.dicom_series import read_dicom_folder
+from chestssl.data.ct.files import IMAGE_SUFFIXES, has_dicom_preamble, short_hash
+from chestssl.data.ct.dicom_series import read_dicom_folder
 from chestssl.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def read_ct(
     Args:
         path: a folder holding DICOM files (searched recursively), or an image file.
         series_uid: for a DICOM folder with several series, the SeriesInstanceUID or the
-            ``uid_hash`` from :func:`~chestssl.data.dicom_series.list_series` of the one to read; by
+            ``uid_hash`` from :func:`~chestssl.data.ct.dicom_series.list_series` of the one to read; by
             default the axial CT series with the most slices (localizers excluded) is chosen and the
             choice is logged.
         allow_gaps: for DICOM, accept missing slices and irregular slice spacing by interpolating

@@ -1,8 +1,8 @@
 """LIDC-IDRI nodule cubes for benign/malignant classification: the index, the patient-level split, the cache.
 
 Data: Armato et al., Med Phys 2011 (LIDC-IDRI), VOIs of PabloLION/ct-slicing. Each index row becomes one cube of
-:func:`~chestssl.data.nodule_cube.nodule_cube` in the volume cache, labelled 1 for a malignant and 0 for a benign
-nodule; lung crops of full chest CTs can be added beside them with :func:`~chestssl.data.ct_patches.ct_patches`.
+:func:`~chestssl.data.ct.nodule_cube.nodule_cube` in the volume cache, labelled 1 for a malignant and 0 for a benign
+nodule; lung crops of full chest CTs can be added beside them with :func:`~chestssl.data.ct.patches.ct_patches`.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from chestssl.data.ct_files import short_hash
-from chestssl.data.ct_io import read_ct
-from chestssl.data.ct_patches import ct_patches
-from chestssl.data.nodule_cube import nodule_cube
+from chestssl.data.ct.files import short_hash
+from chestssl.data.ct.io import read_ct
+from chestssl.data.ct.patches import ct_patches
+from chestssl.data.ct.nodule_cube import nodule_cube
 from chestssl.data.splits import patient_split
-from chestssl.data.volume_cache import PREPROCESSING, read_manifest, save_volume, write_manifest
+from chestssl.data.ct.cache import PREPROCESSING, read_manifest, save_volume, write_manifest
 from chestssl.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -88,19 +88,19 @@ def build_lidc_nodules(
     hu_high: float = 400.0, split_seed: int = 0, split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
     workers: int = 1, limit: int | None = None,
 ) -> Path:
-    """Write a cube per index row (:func:`~chestssl.data.nodule_cube.nodule_cube`, saved with ``lung`` =
-    :func:`~chestssl.data.nodule_cube.lung_region`) and the manifest.
+    """Write a cube per index row (:func:`~chestssl.data.ct.nodule_cube.nodule_cube`, saved with ``lung`` =
+    :func:`~chestssl.data.ct.nodule_cube.lung_region`) and the manifest.
 
     Manifest rows: label 1 Malign / 0 Benign, patient_id from the index, split from :func:`lidc_splits` on the
     whole index (so ``limit`` does not change it); rows that cannot be built are ``failed`` with the reason.
     ``nodules.csv`` beside it keeps diameter, malignancy rating and cube statistics. A re-run skips ok rows, keeps
-    rows of other writers (:func:`~chestssl.data.ct_patches.ct_patches`) and refuses a cache made with other cube
+    rows of other writers (:func:`~chestssl.data.ct.patches.ct_patches`) and refuses a cache made with other cube
     settings.
 
     Args:
         data_dir: the lidc-nodules folder (``nodules_index.csv``, ``VOIs/``), or the data directory holding it.
         cache_dir: where the cubes, ``manifest.csv`` and ``nodules.csv`` go.
-        size, spacing_mm, hu_low, hu_high: the cube, see :func:`~chestssl.data.nodule_cube.nodule_cube`.
+        size, spacing_mm, hu_low, hu_high: the cube, see :func:`~chestssl.data.ct.nodule_cube.nodule_cube`.
         split_seed, split_fractions: the split, see :func:`lidc_splits`.
         workers: processes building cubes (about 12 s for all 994 with 2 on a 2-core machine).
         limit: build only this many index rows, spread evenly over the index (for tests).
@@ -153,11 +153,11 @@ def _build_one(task: tuple[dict[str, str], Path, Path, dict]) -> tuple[dict[str,
     try:
         image = read_ct(image_path)
         quiet = _NotHU()
-        logging.getLogger("chestssl.data.ct_io").addFilter(quiet)
+        logging.getLogger("chestssl.data.ct.io").addFilter(quiet)
         try:
             mask = read_ct(mask_path)
         finally:
-            logging.getLogger("chestssl.data.ct_io").removeFilter(quiet)
+            logging.getLogger("chestssl.data.ct.io").removeFilter(quiet)
         if mask.hu.shape != image.hu.shape or not np.allclose(mask.spacing + mask.origin, image.spacing + image.origin):
             raise DataError(f"{mask_path}: the mask's grid differs from the image's")
         cube = nodule_cube(image.hu, mask.hu, image.spacing, settings["size"], settings["spacing_mm"],
@@ -211,7 +211,7 @@ def _write_csv(path: Path, rows: list[dict[str, str]], columns: list[str]) -> No
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Build the LIDC-IDRI nodule-cube cache (chestssl.data.lidc).")
+    parser = argparse.ArgumentParser(description="Build the LIDC-IDRI nodule-cube cache (chestssl.data.ct.lidc).")
     parser.add_argument("--data-dir", required=True, help="the lidc-nodules folder")
     parser.add_argument("--cache-dir", required=True)
     parser.add_argument("--size", type=int, default=32)

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from chestssl.data.ct_files import DICOM_SUFFIXES, IMAGE_SUFFIXES, NOT_DICOM_SUFFIXES, has_dicom_preamble, short_hash
-from chestssl.data.ct_preprocess import PrepareCTConfig
+from chestssl.data.ct.files import DICOM_SUFFIXES, IMAGE_SUFFIXES, NOT_DICOM_SUFFIXES, has_dicom_preamble, short_hash
+from chestssl.data.ct.preprocess import PrepareCTConfig
 from chestssl.errors import DataError
 
 logger = logging.getLogger(__name__)

@@ -1,8 +1,8 @@
 """Pure preprocessing of CT volumes: HU window, resampling, crop to a mask and resize to a cube.
 
 Every function takes and returns numpy arrays; spacings are ``(z, y, x)`` in mm. Arrays are in the
-canonical orientation of :func:`chestssl.data.ct_io.read_ct`, though nothing here depends on it. The
-classical lung mask is in :mod:`chestssl.data.lung_mask`.
+canonical orientation of :func:`chestssl.data.ct.io.read_ct`, though nothing here depends on it. The
+classical lung mask is in :mod:`chestssl.data.ct.lung_mask`.
 """
 
 from __future__ import annotations

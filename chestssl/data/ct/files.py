@@ -1,8 +1,8 @@
 """Which files hold a CT and in which format, and the anonymous ids that CT volumes and cache entries are named by.
 
-Shared by :mod:`chestssl.data.ct_io` (reading), :mod:`chestssl.data.dicom_series` (DICOM series discovery) and
-:mod:`chestssl.data.ct_inputs` (finding the inputs of ``prepare-ct``), so that they agree on what is DICOM;
-:func:`short_hash` also names the cache entries of :mod:`chestssl.data.lidc` and :mod:`chestssl.data.ct_patches`.
+Shared by :mod:`chestssl.data.ct.io` (reading), :mod:`chestssl.data.ct.dicom_series` (DICOM series discovery) and
+:mod:`chestssl.data.ct.inputs` (finding the inputs of ``prepare-ct``), so that they agree on what is DICOM;
+:func:`short_hash` also names the cache entries of :mod:`chestssl.data.ct.lidc` and :mod:`chestssl.data.ct.patches`.
 """
 
 from __future__ import annotations

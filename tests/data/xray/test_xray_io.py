@@ -11,7 +11,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from chestssl.data.io import read_xray, resize_image
+from chestssl.data.xray.io import read_xray, resize_image
 from chestssl.errors import DataError
 
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation

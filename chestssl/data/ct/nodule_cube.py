@@ -1,7 +1,7 @@
 """A nodule-centred cube cut from a CT volume of interest (VOI), with its lung region, for nodule classification.
 
 Shapes: ``S`` the cube side (``size``); every array is (z, y, x) in the canonical orientation of
-:func:`~chestssl.data.ct_io.read_ct`. The VOIs are those of LIDC-IDRI (:mod:`chestssl.data.lidc`).
+:func:`~chestssl.data.ct.io.read_ct`. The VOIs are those of LIDC-IDRI (:mod:`chestssl.data.ct.lidc`).
 
 A cube is the VOI resampled to ``spacing_mm`` isotropic (image linear, mask nearest), cut to ``S``^3 around the
 nodule mask's centroid and windowed to [0, 1]. Where the VOI ends the cube is air (-1000 HU, 0 after windowing):
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from chestssl.data.ct import resample, window_hu
+from chestssl.data.ct.ops import resample, window_hu
 from chestssl.errors import DataError
 
-LUNG_HU = -320.0  # the air threshold of chestssl.data.lung_mask.lung_mask
+LUNG_HU = -320.0  # the air threshold of chestssl.data.ct.lung_mask.lung_mask
 CLOSING_MM = 2.0  # closes vessels up to about 4 mm across into the lung region
 
 
@@ -42,7 +42,7 @@ def lung_region(hu: np.ndarray, nodule: np.ndarray, spacing_mm: float) -> np.nda
 
     The lung-weighted MAE loss down-weights patches outside this region. Air below -320 HU is closed with a
     ``CLOSING_MM`` ball, holes are filled per axial slice (vessels seen end-on), and the nodule is added, the
-    same meaning as :func:`~chestssl.data.lung_mask.lung_mask` on a full CT; chest wall and mediastinum of juxtapleural
+    same meaning as :func:`~chestssl.data.ct.lung_mask.lung_mask` on a full CT; chest wall and mediastinum of juxtapleural
     nodules stay out. Over the 994 cubes it marks 85% of the VOI's voxels (median 89%, 5th percentile 58%) and,
     with the padding left out, 27% of the cube (median 19%).
     """

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chestssl.data.io import resize_image
+from chestssl.data.xray.io import resize_image
 from chestssl.data.types import ImageDataset
 from chestssl.errors import DataError
 

@@ -1,8 +1,8 @@
 """Preprocess chest CTs at scale into the volume cache (what ``chestssl prepare-ct`` runs).
 
-:func:`prepare_ct` finds the inputs (:mod:`chestssl.data.ct_inputs`), gives each an id (never anything from a
-DICOM header), runs :func:`~chestssl.data.ct_preprocess.preprocess_volume` on the volumes not already done in
-worker processes and records every outcome in the cache manifest of :mod:`chestssl.data.volume_cache` after each
+:func:`prepare_ct` finds the inputs (:mod:`chestssl.data.ct.inputs`), gives each an id (never anything from a
+DICOM header), runs :func:`~chestssl.data.ct.preprocess.preprocess_volume` on the volumes not already done in
+worker processes and records every outcome in the cache manifest of :mod:`chestssl.data.ct.cache` after each
 one, so an interrupted run loses nothing and a re-run only retries what failed. ``preprocessing.json`` in the
 cache records how the volumes were made.
 """
@@ -23,10 +23,10 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from chestssl.config import save_config
-from chestssl.data.ct_inputs import InputItem, discover_inputs
-from chestssl.data.ct_io import read_ct
-from chestssl.data.ct_preprocess import PrepareCTConfig, preprocess_volume, preprocessing_record, read_mask
-from chestssl.data.volume_cache import PREPROCESSING, read_manifest, save_volume, write_manifest
+from chestssl.data.ct.inputs import InputItem, discover_inputs
+from chestssl.data.ct.io import read_ct
+from chestssl.data.ct.preprocess import PrepareCTConfig, preprocess_volume, preprocessing_record, read_mask
+from chestssl.data.ct.cache import PREPROCESSING, read_manifest, save_volume, write_manifest
 from chestssl.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ import pytest
 from dicom_factory import write_slice
 from pydicom.uid import generate_uid
 
-from chestssl.data.ct_io import CTVolume, read_ct
-from chestssl.data.dicom_series import list_series
+from chestssl.data.ct.io import CTVolume, read_ct
+from chestssl.data.ct.dicom_series import list_series
 from chestssl.errors import DataError
 
 REAL_VOLUMES = [  # path under the data root, (z, y, x) shape, (z, y, x) spacing in mm

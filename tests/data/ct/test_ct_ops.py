@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from chestssl.data.ct import crop_to_mask, mask_bounding_box, resample, resize_to_cube, window_hu
-from chestssl.data.ct_io import read_ct
-from chestssl.data.lung_mask import lung_mask
+from chestssl.data.ct.ops import crop_to_mask, mask_bounding_box, resample, resize_to_cube, window_hu
+from chestssl.data.ct.io import read_ct
+from chestssl.data.ct.lung_mask import lung_mask
 
 FULL_CHESTS = {  # full field of view: outside air around the body
     "lung1": "ct/pyradiomics/lung1_image.nrrd",
@@ -36,7 +36,7 @@ class _Messages(logging.Handler):
 def volume_and_mask(path: str):
     """Read a real volume and compute its lung mask once for all tests; also what lung_mask logged."""
     volume = read_ct(path)
-    messages, logger = _Messages(), logging.getLogger("chestssl.data.lung_mask")
+    messages, logger = _Messages(), logging.getLogger("chestssl.data.ct.lung_mask")
     level = logger.level
     logger.addHandler(messages)
     logger.setLevel(logging.INFO)

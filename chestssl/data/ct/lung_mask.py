@@ -1,6 +1,6 @@
 """The classical lung mask of a chest CT, :func:`lung_mask`, and the stages it is made of.
 
-Arrays are (z, y, x) in the canonical orientation of :func:`chestssl.data.ct_io.read_ct`: axis 0 runs
+Arrays are (z, y, x) in the canonical orientation of :func:`chestssl.data.ct.io.read_ct`: axis 0 runs
 inferior→superior (so the last slice is the most superior), axis 1 anterior→posterior, axis 2 patient
 right→left; :func:`lung_mask` depends on it (it looks for the trachea from the top). Spacings are
 ``(z, y, x)`` in mm.
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from chestssl.data.ct import check_spacing, resample
+from chestssl.data.ct.ops import check_spacing, resample
 
 logger = logging.getLogger(__name__)
 

@@ -14,13 +14,13 @@ import SimpleITK as sitk
 from dicom_factory import write_slice as write_dicom_slice
 from pydicom.uid import generate_uid
 
-import chestssl.data.prepare_ct as prepare_module
+import chestssl.data.ct.prepare as prepare_module
 from chestssl.config import load_config
-from chestssl.data.ct_inputs import discover_inputs
-from chestssl.data.ct_io import CTVolume
-from chestssl.data.ct_preprocess import PrepareCTConfig, preprocess_volume
-from chestssl.data.prepare_ct import prepare_ct
-from chestssl.data.volume_cache import load_volume, read_manifest
+from chestssl.data.ct.inputs import discover_inputs
+from chestssl.data.ct.io import CTVolume
+from chestssl.data.ct.preprocess import PrepareCTConfig, preprocess_volume
+from chestssl.data.ct.prepare import prepare_ct
+from chestssl.data.ct.cache import load_volume, read_manifest
 from chestssl.errors import ConfigError, DataError
 
 SECRETS = ("Doe", "Jane", "PAT-SECRET-42")  # written into every synthetic DICOM header

@@ -3,7 +3,7 @@
 Headers are read first and grouped by SeriesInstanceUID; one series is chosen by rule (or as asked), then its
 slices are read, ordered by ImagePositionPatient projected on the slice normal, checked for a consistent geometry
 and stacked, with RescaleSlope/RescaleIntercept applied. The image this returns is not yet in the canonical
-orientation: :func:`chestssl.data.ct_io.read_ct` reorients it. Nothing that identifies the patient is logged or
+orientation: :func:`chestssl.data.ct.io.read_ct` reorients it. Nothing that identifies the patient is logged or
 kept: series are named by a short hash of their SeriesInstanceUID.
 """
 
@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from chestssl.data.ct_files import DICOM_SUFFIXES, IMAGE_SUFFIXES, NOT_DICOM_SUFFIXES, short_hash
+from chestssl.data.ct.files import DICOM_SUFFIXES, IMAGE_SUFFIXES, NOT_DICOM_SUFFIXES, short_hash
 from chestssl.errors import DataError
 
 logger = logging.getLogger(__name__)

@@ -1,8 +1,8 @@
 """Random lung crops of full chest CTs, added to a volume cache as unlabelled "pretrain" entries.
 
 Shapes: ``S`` the crop side; ``D, H, W`` a resampled CT's; every array is (z, y, x) in the canonical orientation
-of :func:`~chestssl.data.ct_io.read_ct`. The crops are made exactly like the cache's own volumes: the cache's
-``preprocessing.json`` (usually the LIDC nodule cubes of :mod:`chestssl.data.lidc`) gives the voxel size, the cube
+of :func:`~chestssl.data.ct.io.read_ct`. The crops are made exactly like the cache's own volumes: the cache's
+``preprocessing.json`` (usually the LIDC nodule cubes of :mod:`chestssl.data.ct.lidc`) gives the voxel size, the cube
 side and the HU window, so pretraining sees one scale and one intensity scale, and the cache keeps one record.
 """
 
@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from chestssl.data.ct import resample, window_hu
-from chestssl.data.ct_files import short_hash
-from chestssl.data.ct_inputs import discover_inputs
-from chestssl.data.ct_io import read_ct
-from chestssl.data.ct_preprocess import LUNG_MASK_SPACING_MM, PrepareCTConfig, anti_alias
-from chestssl.data.lung_mask import lung_mask
-from chestssl.data.volume_cache import PREPROCESSING, read_manifest, save_volume, write_manifest
+from chestssl.data.ct.ops import resample, window_hu
+from chestssl.data.ct.files import short_hash
+from chestssl.data.ct.inputs import discover_inputs
+from chestssl.data.ct.io import read_ct
+from chestssl.data.ct.preprocess import LUNG_MASK_SPACING_MM, PrepareCTConfig, anti_alias
+from chestssl.data.ct.lung_mask import lung_mask
+from chestssl.data.ct.cache import PREPROCESSING, read_manifest, save_volume, write_manifest
 from chestssl.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def ct_patches(inputs: Sequence[str | Path], cache_dir: str | Path, per_volume: 
     """Add ``per_volume`` random crops of each full chest CT in ``inputs`` to the cache at ``cache_dir``.
 
     Each CT is resampled to the cache's isotropic ``spacing_mm`` (Gaussian anti-aliasing first), its lungs found
-    by :func:`~chestssl.data.lung_mask.lung_mask`, and ``S``^3 crops drawn among all those at least
+    by :func:`~chestssl.data.ct.lung_mask.lung_mask`, and ``S``^3 crops drawn among all those at least
     ``min_lung_fraction`` lung, then windowed like the cache. Ids are short hashes of the path, the seed and the
     crop number (nothing from a header); the draw depends only on ``seed`` and the path, so a re-run skips CTs
     whose crops are recorded. A CT that cannot be read or has too little lung is a ``failed`` row with its reason.
