@@ -93,7 +93,16 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
-    kwargs = {name: _coerce(value, fields[name], f"{where}.{name}") for name, value in values.items()}
+    defaults = {field.name: field for field in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        field = defaults[name]
+        if dataclasses.is_dataclass(fields[name]) and isinstance(value, dict):
+            # a section given in part keeps the field's own defaults for the rest (not the section class's)
+            default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+            if dataclasses.is_dataclass(default):
+                value = {**to_dict(default), **value}
+        kwargs[name] = _coerce(value, fields[name], f"{where}.{name}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as error:

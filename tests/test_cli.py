@@ -7,7 +7,7 @@ import pytest
 
 from chestssl.cli import main
 
-TINY_VIT = ["hidden_size=32", "depth=1", "num_heads=2"]
+TINY_VIT = ["vit.hidden_size=32", "vit.depth=1", "vit.num_heads=2"]
 
 
 def test_tiny_benchmark_end_to_end_and_resume(shared_data, tmp_path, capsys):
@@ -44,6 +44,31 @@ def test_tiny_benchmark_end_to_end_and_resume(shared_data, tmp_path, capsys):
 
     assert main(arguments) == 0  # a finished grid is not run again
     assert len(list(csv.DictReader((run_dir / "results.csv").open()))) == 12
+    saved = (run_dir / "config.yaml").read_text()
+    assert main(arguments + ["finetune.lr=0.5"]) == 2  # a finished cell is not reused under another config
+    assert "finetune.lr=0.5" not in saved and (run_dir / "config.yaml").read_text() == saved  # nothing rewritten
+    assert row_count(run_dir) == 12
+    assert {r["code_version"] for r in csv.DictReader((run_dir / "results.csv").open())} != {""}
+
+
+def row_count(run_dir) -> int:
+    return len(list(csv.DictReader((run_dir / "results.csv").open())))
+
+
+def test_changed_settings_are_named(shared_data, tmp_path, caplog):
+    run = ["finetune", "--data-dir", str(shared_data), "--run-dir", str(tmp_path / "ft"), "label_fraction=0.02",
+           "epochs=1", "min_steps=1", "batch_size=64", "selection=fixed", *TINY_VIT]
+    assert main(run) == 0
+    first = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert main(run) == 0  # the same config: reused
+    assert main(run + ["lr=0.01"]) == 2
+    assert "lr: 0.001 -> 0.01" in caplog.text
+    assert main(run + ["lr=0.01", "overwrite=true"]) == 0  # on request, run again
+    assert json.loads((tmp_path / "ft" / "results.json").read_text())["test_auc"] != first["test_auc"]
+    model = tmp_path / "ft" / "model.safetensors"
+    meta = json.loads(model.with_suffix(".json").read_text())
+    assert meta["task"] == "classification" and meta["class_names"] == ["normal", "pneumonia"]
+    assert meta["encoder"]["kind"] == "vit" and meta["threshold"] == 0.5 and meta["preprocessing"]["image_size"] == 28
 
 
 def test_unknown_key_exits_with_a_message(caplog):

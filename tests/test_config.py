@@ -10,9 +10,22 @@ from chestssl.train.protocol import BenchmarkConfig
 def test_yaml_then_overrides_with_types(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("epochs: 5\nlabel_fraction: 0.1\n")
-    config = load_config(FinetuneConfig, path, ["epochs=7", "crop_scale=[0.6, 1.0]", "encoder=null", "drop_path=0"])
-    assert config.epochs == 7 and config.label_fraction == 0.1
-    assert config.crop_scale == (0.6, 1.0) and config.encoder is None and config.drop_path == 0.0
+    config = load_config(FinetuneConfig, path, ["epochs=7", "views.crop_scale=[0.6, 1.0]", "pretrained=null",
+                                                 "drop_path=0", "vit.depth=3"])
+    assert config.epochs == 7 and config.label_fraction == 0.1 and config.vit.depth == 3
+    assert config.views.crop_scale == (0.6, 1.0) and config.pretrained is None and config.drop_path == 0.0
+
+
+def test_a_section_given_in_part_keeps_the_fields_own_defaults():
+    config = load_config(FinetuneConfig, None, ["views.intensity=0.2"])
+    assert config.views.intensity == 0.2 and config.views.crop_scale == FinetuneConfig().views.crop_scale == (0.7, 1.0)
+
+
+def test_one_source_of_vit_defaults():
+    from chestssl.models.vit import ViTConfig
+    from chestssl.train.pretrain import PretrainConfig
+
+    assert PretrainConfig().vit == FinetuneConfig().vit == ViTConfig()
 
 
 def test_unknown_keys_are_errors(tmp_path):

@@ -9,7 +9,11 @@ from chestssl.errors import CheckpointError
 from chestssl.train.finetune import FinetuneConfig, finetune
 from chestssl.train.pretrain import PretrainConfig, pretrain
 
-TINY = {"hidden_size": 32, "depth": 1, "num_heads": 2, "patch_size": 8}
+from chestssl.methods.mae import MAEConfig
+from chestssl.models.resnet import ResNetConfig
+from chestssl.models.vit import ViTConfig
+
+TINY = {"vit": ViTConfig(hidden_size=32, depth=1, num_heads=2, patch_size=8)}
 
 
 @pytest.fixture(scope="module")
@@ -22,29 +26,30 @@ def nodule_cache(shared_data, tmp_path_factory):
 def test_lung_weighted_3d_pretraining_then_finetuning(nodule_cache, tmp_path):
     encoder = pretrain(PretrainConfig(
         run_dir=str(tmp_path / "pretrain"), spatial_dims=3, cache_dirs=(str(nodule_cache),), **TINY,
-        decoder_hidden_size=32, decoder_depth=1, decoder_num_heads=2, norm_pix_loss=False, loss="l1",
-        lung_weight=0.01, epochs=2, batch_size=8, warmup_epochs=0, grid_every=1, device="cpu",
+        mae=MAEConfig(32, 1, 2, norm_pix_loss=False, loss="l1", lung_weight=0.01), epochs=2, batch_size=8,
+        warmup_epochs=0, grid_every=1, device="cpu",
     ))
     meta = json.loads(encoder.with_suffix(".json").read_text())
-    assert meta["method"] == "mae-lung-weighted" and meta["architecture"]["spatial_dims"] == 3
+    assert meta["method_config"]["lung_weight"] == 0.01 and meta["architecture"]["spatial_dims"] == 3
     assert meta["preprocessing"]["size"] == 16 and meta["preprocessing"]["modality"] == "ct"
     assert (tmp_path / "pretrain" / "reconstruction_epoch002.png").exists()
 
     common = dict(dataset="ct-cache", cache_dir=str(nodule_cache), label_fraction=0.5, selection="full", epochs=1, min_steps=2,
                   batch_size=8, device="cpu", **TINY)
-    result = finetune(FinetuneConfig(run_dir=str(tmp_path / "mae"), encoder=str(encoder), **common))
-    assert result["init"].startswith("mae-lung-weighted:") and 0 <= result["test_auc"] <= 1
-    resnet = finetune(FinetuneConfig(run_dir=str(tmp_path / "resnet"), model="resnet18", resnet_small_input=False, **common))
+    result = finetune(FinetuneConfig(run_dir=str(tmp_path / "mae"), pretrained=str(encoder), **common))
+    assert result["init"].startswith("mae:") and 0 <= result["test_auc"] <= 1
+    resnet = finetune(FinetuneConfig(run_dir=str(tmp_path / "resnet"), encoder="resnet",
+                                     resnet=ResNetConfig(widths=(8, 16, 16, 32)), **common))
     assert resnet["n_train"] == result["n_train"] and resnet["n_val"] == result["n_val"]
 
 
 def test_encoder_from_other_preprocessing_is_refused(nodule_cache, shared_data, tmp_path):
     encoder = pretrain(PretrainConfig(
         run_dir=str(tmp_path / "pretrain"), spatial_dims=3, cache_dirs=(str(nodule_cache),), **TINY,
-        decoder_hidden_size=32, decoder_depth=1, decoder_num_heads=2, epochs=1, batch_size=8, device="cpu",
+        mae=MAEConfig(32, 1, 2), epochs=1, batch_size=8, device="cpu",
     ))
     other = tmp_path / "lidc32"
     build_lidc_nodules(shared_data, other, size=32, spacing_mm=1.0, limit=20)
     with pytest.raises(CheckpointError, match="size: encoder 16 vs data 32"):
         finetune(FinetuneConfig(run_dir=str(tmp_path / "ft"), dataset="ct-cache", cache_dir=str(other),
-                                encoder=str(encoder), device="cpu", **TINY))
+                                pretrained=str(encoder), device="cpu", **TINY))

@@ -7,11 +7,19 @@ uint8 held in memory; a CT volume cache (``ct-cache``) is read lazily from its `
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
+
+from chestssl.data.ct.cache import PREPROCESSING, ensure_splits
 from chestssl.data.paths import resolve_data_dir
+from chestssl.data.splits import load_splits
 from chestssl.data.types import ImageDataset
+from chestssl.errors import DataError
 from chestssl.data.xray.medmnist import load_pneumoniamnist
 from chestssl.data.xray.sources import _load_dicom, _load_folder, _load_kermany, _load_nih
 
@@ -59,3 +67,103 @@ def load_dataset(
     dataset = loader(resolve_data_dir(data_dir), image_size, on_error, **options)
     logger.info("loaded %s: %d images of %s px, task %s", name, len(dataset), dataset.images.shape[2:], dataset.task)
     return dataset
+
+
+CT_CACHE = "ct-cache"  # a folder written by prepare-ct or prepare-lidc, read lazily
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: ``inputs`` (uint8 (N, 1, H, W) images or N cached volume files), labels, patient ids."""
+
+    inputs: np.ndarray | tuple[Path, ...]
+    labels: np.ndarray
+    patient_ids: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: np.ndarray) -> "Split":
+        indices = np.asarray(indices, dtype=np.int64)
+        inputs = self.inputs[indices] if isinstance(self.inputs, np.ndarray) else tuple(self.inputs[i] for i in indices)
+        return Split(inputs, self.labels[indices], None if self.patient_ids is None else self.patient_ids[indices])
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """Train/val/test of a labelled dataset and how its inputs were made.
+
+    ``label_kind`` is "binary", "multiclass" or "multilabel"; ``preprocessing`` is the record an encoder trained
+    on these inputs carries (see :func:`chestssl.data.batch.xray_preprocessing` and ``preprocessing.json``).
+    """
+
+    train: Split
+    val: Split
+    test: Split
+    label_kind: str
+    class_names: tuple[str, ...]
+    spatial_dims: int
+    preprocessing: dict
+
+    @property
+    def image_size(self) -> int:
+        return int(self.preprocessing["image_size"] if self.spatial_dims == 2 else self.preprocessing["size"])
+
+
+def cache_preprocessing(cache_dir: str | Path) -> dict:
+    """The preprocessing record of a volume cache (``preprocessing.json``)."""
+    path = Path(cache_dir) / PREPROCESSING
+    if not path.is_file():
+        raise DataError(f"{cache_dir} has no {PREPROCESSING}: it is not a chestssl volume cache (run prepare-ct)")
+    return json.loads(path.read_text())
+
+
+def _label_order(value: str) -> tuple:
+    return (not value.lstrip("-").isdigit(), int(value) if value.lstrip("-").isdigit() else 0, value)
+
+
+def load_cache_splits(cache_dir: str | Path, split_seed: int = 0) -> Labelled:
+    """Labelled volumes of a cache: rows with status ok and a label, split by the manifest's patient-level
+    ``split`` column (recorded when the cache was prepared, or now, beside it, for an older cache), so the
+    volumes a benchmark tests on are the ones pretraining left out."""
+    cache = Path(cache_dir)
+    rows = [r for r in ensure_splits(cache, split_seed) if r["status"] == "ok" and r.get("label", "") not in ("", "-1")]
+    if not rows:
+        raise DataError(f"{cache}/manifest.csv lists no prepared volume with a label")
+    names = sorted({r["label"] for r in rows}, key=_label_order)
+    labels = np.array([names.index(r["label"]) for r in rows], dtype=np.int64)
+    patients = np.array([r.get("patient_id") or r["id"] for r in rows])
+    everything = Split(tuple(cache / r["file"] for r in rows), labels, patients)
+    splits = np.array([r.get("split", "") for r in rows])
+    parts = {name: everything.subset(np.flatnonzero(splits == name)) for name in SPLIT_NAMES}
+    empty = [name for name, part in parts.items() if len(part) == 0]
+    if empty:
+        counts = {name: len(part) for name, part in parts.items()}
+        raise DataError(f"{cache}: the labelled volumes split into {counts}; the {empty} split(s) are empty. "
+                        "Each of train, val and test needs volumes: label more volumes or set the split column")
+    label_kind = "binary" if len(names) == 2 else "multiclass"
+    return Labelled(parts["train"], parts["val"], parts["test"], label_kind, tuple(names), 3, cache_preprocessing(cache))
+
+
+def load_labelled(name: str, data_dir: str | None, image_size: int, split_seed: int, preprocessing: dict,
+                  cache_dir: str | None = None, root: str | None = None, labels_csv: str | None = None) -> Labelled:
+    """Train/val/test of a named X-ray dataset (``preprocessing`` is how its pixels become inputs), or of a CT
+    volume cache (``name == "ct-cache"``, its own ``preprocessing.json`` plus ``preprocessing["normalisation"]``)."""
+    if name == CT_CACHE:
+        if not cache_dir:
+            raise DataError("dataset ct-cache needs cache_dir: a folder written by prepare-ct or prepare-lidc")
+        data = load_cache_splits(cache_dir, split_seed)
+        record = {**data.preprocessing, "normalisation": preprocessing["normalisation"]}
+        return Labelled(data.train, data.val, data.test, data.label_kind, data.class_names, 3, record)
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join([*DATASETS, CT_CACHE])}")
+    splits = load_splits(name, data_dir, image_size, split_seed, root=root, labels_csv=labels_csv)
+    parts = {part: Split(d.images, d.labels, d.patient_ids) for part, d in splits.items()}
+    empty = [part for part, split in parts.items() if len(split) == 0]
+    if empty:
+        counts = {part: len(split) for part, split in parts.items()}
+        raise DataError(f"dataset {name}: the labelled images split into {counts}; the {empty} split(s) are empty. "
+                        "Each of train, val and test needs images: add images or give a split column")
+    train = splits["train"]
+    return Labelled(parts["train"], parts["val"], parts["test"], train.task, train.class_names, 2, preprocessing)

@@ -1,9 +1,15 @@
 """Where chest data lives, and where derived caches (decoded, resized images) are kept.
 
 Data directory precedence: an explicit argument (``--data-dir``), then ``$CHESTSSL_DATA``, then a per-user
-cache folder (``$XDG_CACHE_HOME/chestssl`` or ``~/.cache/chestssl``). Caches are written atomically (a
+cache folder (``$XDG_CACHE_HOME/chestssl`` or ``~/.cache/chestssl``).
+
+Derived caches: the X-ray loaders (Kermany, NIH ChestX-ray14, a user folder, user DICOMs) keep the decoded,
+resized images of a dataset as one ``.npz`` under :func:`cache_dir`, so the next load skips decoding. These are
+copies of the (possibly patient) images themselves. The folder is ``$CHESTSSL_CACHE`` if set, else
+``$XDG_CACHE_HOME/chestssl/cache``, else ``~/.cache/chestssl/cache``; ``CHESTSSL_CACHE=off`` (or ``0``, ``none``,
+``false``, ``no``) switches caching off, so nothing decoded is written to disk. Caches are written atomically (a
 temporary file in the same folder, then ``os.replace``) so an interrupted run never leaves a half-written
-file under the final name; a cache that cannot be read is ignored and rebuilt.
+file under the final name; a cache that cannot be read is ignored and rebuilt. Deleting the folder is safe.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 DATA_ENV = "CHESTSSL_DATA"
 CACHE_ENV = "CHESTSSL_CACHE"
+CACHE_OFF = ("off", "0", "none", "false", "no")  # values of $CHESTSSL_CACHE that switch caching off
 
 
 def _user_cache_root() -> Path:
@@ -45,15 +52,20 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     return _user_cache_root()
 
 
-def cache_dir() -> Path:
-    """The folder for derived caches: ``$CHESTSSL_CACHE`` if set, else ``~/.cache/chestssl/cache``.
+def cache_dir() -> Path | None:
+    """The folder for derived caches, or None when caching is off.
 
-    The folder is not created here; :func:`save_cached_arrays` creates it when it first writes.
+    Returns:
+        ``$CHESTSSL_CACHE`` if set (None if it is one of :data:`CACHE_OFF`), else ``$XDG_CACHE_HOME/chestssl/cache``
+        (or ``~/.cache/chestssl/cache``). The folder is not created here; :func:`save_cached_arrays` creates it
+        when it first writes.
     """
-    from_env = os.environ.get(CACHE_ENV)
+    from_env = os.environ.get(CACHE_ENV, "").strip()
+    if from_env.lower() in CACHE_OFF:
+        return None
     if from_env:
         return Path(from_env).expanduser()
-    return Path.home() / ".cache" / "chestssl" / "cache"
+    return _user_cache_root() / "cache"
 
 
 def load_cached_arrays(path: Path) -> dict[str, np.ndarray] | None:

@@ -6,9 +6,12 @@ Legend: ``B`` batch, ``C`` channels, ``S`` spatial, ``L`` tokens, ``D`` encoder 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from chestssl.data.batch import Batch
 from chestssl.methods.losses import lung_patches, lung_weighted_l1, masked_patch_loss, normalise_patches
 from chestssl.methods.masking import random_mask
 from chestssl.models.patches import patchify, unpatchify
@@ -26,7 +29,7 @@ class MAEDecoder(nn.Module):
         self.register_buffer("pos_embed", sincos_position_embedding(encoder.grid, hidden_size).unsqueeze(0), persistent=False)
         self.blocks = nn.ModuleList(Block(hidden_size, num_heads) for _ in range(depth))
         self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.head = nn.Linear(hidden_size, config.patch_size**config.spatial_dims * config.in_channels)
+        self.head = nn.Linear(hidden_size, config.patch_size**encoder.spatial_dims * encoder.in_channels)
         nn.init.normal_(self.mask_token, std=0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -45,38 +48,70 @@ class MAEDecoder(nn.Module):
         return self.head(self.norm(tokens))[:, 1:]
 
 
-class MAE(nn.Module):
-    """ViT masked autoencoder; ``forward(x)`` returns the reconstruction loss on hidden patches.
+LOSSES = ("mse", "l1")
 
-    With ``lung_weight`` set, ``forward(x, lung_mask=...)`` uses the lung-weighted L1 of Dack et al. 2025:
-    hidden patches that are mostly lung count fully, the others with weight ``lung_weight``.
+
+@dataclass(frozen=True)
+class MAEConfig:
+    """MAE settings (``mae.*``): decoder sizes, masking, the reconstruction target and loss.
+
+    ``lung_weight`` switches on the lung-weighted L1 of Dack et al. 2025 (CT volumes with lung masks): hidden
+    patches that are mostly lung (more than ``lung_threshold`` of their voxels) count fully, the others with
+    weight ``lung_weight``; ``lung_loss_normalise`` gives the weighted mean instead of the sum of two means.
     """
 
-    def __init__(
-        self,
-        encoder: ViT,
-        decoder_hidden_size: int = 128,
-        decoder_depth: int = 2,
-        decoder_num_heads: int = 4,
-        mask_ratio: float = 0.75,
-        norm_pix_loss: bool = True,
-        loss_kind: str = "mse",
-        lung_weight: float | None = None,
-        lung_threshold: float = 0.25,
-        lung_loss_normalise: bool = False,
-    ) -> None:
+    decoder_hidden_size: int = 128
+    decoder_depth: int = 2
+    decoder_num_heads: int = 4
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    loss: str = "mse"
+    lung_weight: float | None = None
+    lung_threshold: float = 0.25
+    lung_loss_normalise: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mae.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"mae.loss must be one of {LOSSES}, got {self.loss!r}")
+        for name in ("decoder_hidden_size", "decoder_depth", "decoder_num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"mae.{name} must be at least 1, got {getattr(self, name)}")
+        if self.decoder_hidden_size % self.decoder_num_heads:
+            raise ValueError(f"mae.decoder_hidden_size {self.decoder_hidden_size} is not divisible by "
+                             f"mae.decoder_num_heads {self.decoder_num_heads}")
+        if self.lung_weight is not None and self.lung_weight < 0:
+            raise ValueError(f"mae.lung_weight must be >= 0, got {self.lung_weight}")
+        if self.lung_weight is not None and self.loss != "l1":
+            raise ValueError("the lung-weighted loss is an L1 loss (Dack et al. 2025): set mae.loss=l1")
+        if not 0.0 <= self.lung_threshold < 1.0:
+            raise ValueError(f"mae.lung_threshold must be in [0, 1), got {self.lung_threshold}")
+
+
+class MAE(nn.Module):
+    """ViT masked autoencoder; ``forward(batch)`` returns the reconstruction loss on hidden patches.
+
+    With ``config.lung_weight`` set the batch must carry ``lung_mask`` (CT volumes), and the loss is the
+    lung-weighted L1 of Dack et al. 2025.
+    """
+
+    encoders = ("vit",)
+    Config = MAEConfig
+    num_views = 1
+
+    def __init__(self, encoder: ViT, config: MAEConfig | None = None) -> None:
         super().__init__()
+        if getattr(encoder, "kind", None) not in self.encoders:
+            raise ValueError(f"MAE needs a ViT encoder (its encoder sees only the visible tokens), got "
+                             f"{getattr(encoder, 'kind', type(encoder).__name__)!r}")
+        config = config or MAEConfig()
+        self.config = config
         self.encoder = encoder
-        self.decoder = MAEDecoder(encoder, decoder_hidden_size, decoder_depth, decoder_num_heads)
-        self.mask_ratio = mask_ratio
-        self.norm_pix_loss = norm_pix_loss
-        self.loss_kind = loss_kind
-        self.lung_weight = lung_weight
-        self.lung_threshold = lung_threshold
-        self.lung_loss_normalise = lung_loss_normalise
+        self.decoder = MAEDecoder(encoder, config.decoder_hidden_size, config.decoder_depth, config.decoder_num_heads)
 
     def make_mask(self, batch_size: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
-        return random_mask(batch_size, self.encoder.num_tokens, self.mask_ratio, generator=generator, device=device)
+        return random_mask(batch_size, self.encoder.grid, self.config.mask_ratio, generator=generator, device=device)
 
     def forward_encoder(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, C, *S), bool (B, L) -> (B, 1 + L_visible, D): the encoder sees only visible tokens."""
@@ -87,30 +122,28 @@ class MAE(nn.Module):
 
     def forward_loss(self, x: torch.Tensor, prediction: torch.Tensor, mask: torch.Tensor,
                      lung_mask: torch.Tensor | None = None) -> torch.Tensor:
+        config = self.config
         patch_size = self.encoder.config.patch_size
         target = patchify(x, patch_size)  # (B, L, P)
-        if self.norm_pix_loss:
+        if config.norm_pix_loss:
             target = normalise_patches(target)
-        if self.lung_weight is not None:
+        if config.lung_weight is not None:
             if lung_mask is None:
-                raise ValueError("this MAE uses the lung-weighted loss: pass the batch's lung_mask (B, 1, *S)")
-            is_lung = lung_patches(lung_mask, patch_size, self.lung_threshold)
-            return lung_weighted_l1(prediction.float(), target.float(), mask, is_lung, self.lung_weight, self.lung_loss_normalise)
-        return masked_patch_loss(prediction.float(), target.float(), mask, self.loss_kind)
+                raise ValueError("this MAE uses the lung-weighted loss: the batch needs a lung_mask (B, 1, *S); "
+                                 "pretrain on a CT volume cache")
+            is_lung = lung_patches(lung_mask, patch_size, config.lung_threshold)
+            return lung_weighted_l1(prediction.float(), target.float(), mask, is_lung, config.lung_weight,
+                                    config.lung_loss_normalise)
+        return masked_patch_loss(prediction.float(), target.float(), mask, config.loss)
 
-    def forward(self, batch: torch.Tensor | tuple, mask: torch.Tensor | None = None,
-                generator: torch.Generator | None = None, lung_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Loss on hidden patches of ``batch``: images (B, C, *S), or a loader's ``(x, y[, lung_mask])`` tuple."""
-        if isinstance(batch, (tuple, list)):
-            x = batch[0]
-            if lung_mask is None and len(batch) > 2:
-                lung_mask = batch[2]
-        else:
-            x = batch
+    def forward(self, batch: Batch, mask: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Loss on the hidden patches of ``batch.images`` (B, C, *S); ``mask`` bool (B, L) or drawn here."""
+        x = batch.images
         if mask is None:
             mask = self.make_mask(x.shape[0], x.device, generator)
         prediction = self.forward_decoder(self.forward_encoder(x, mask), mask)
-        return self.forward_loss(x, prediction, mask, lung_mask)
+        return self.forward_loss(x, prediction, mask, batch.lung_mask)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -119,12 +152,23 @@ class MAE(nn.Module):
         With a normalised-pixel target the prediction is de-normalised with each true patch's mean and std,
         as the MAE visualisation does, so the picture shows structure rather than the patch statistics.
         """
-        config = self.encoder.config
+        patch_size = self.encoder.config.patch_size
         prediction = self.forward_decoder(self.forward_encoder(x, mask), mask).float()
-        target = patchify(x, config.patch_size).float()
-        if self.norm_pix_loss:
+        target = patchify(x, patch_size).float()
+        if self.config.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             std = (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
             prediction = prediction * std + mean
         merged = torch.where(mask.unsqueeze(-1), prediction, target)
-        return unpatchify(merged, config.patch_size, x.shape[2:], config.in_channels)
+        return unpatchify(merged, patch_size, x.shape[2:], self.encoder.in_channels)
+
+    @torch.no_grad()
+    def preview(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Original | masked | reconstruction of ``batch.images`` for the reconstruction grid."""
+        x = batch.images
+        mask = self.make_mask(x.shape[0], x.device, generator)
+        patch_size = self.encoder.config.patch_size
+        patches = patchify(x, patch_size)
+        hidden = torch.where(mask.unsqueeze(-1), torch.full_like(patches, float(x.min())), patches)
+        masked = unpatchify(hidden, patch_size, x.shape[2:], x.shape[1])
+        return {"original": x, "masked": masked, "reconstruction": self.reconstruct(x, mask)}

@@ -6,6 +6,9 @@ an optional ``torch.Generator`` so a seeded run draws the same masks again.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from math import prod
+
 import torch
 
 
@@ -18,16 +21,24 @@ def num_visible_tokens(num_tokens: int, mask_ratio: float) -> int:
 
 def random_mask(
     batch_size: int,
-    num_tokens: int,
+    grid: Sequence[int],
     mask_ratio: float,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Hide a uniformly random subset of ``round-down(L * mask_ratio)`` tokens in each row.
+    """Hide a uniformly random subset of ``round-down(L * mask_ratio)`` cells of a token or feature grid.
+
+    Args:
+        batch_size: B.
+        grid: the grid's shape, (h, w) or (d, h, w); L = its number of cells, flattened in row-major order.
+        mask_ratio: share of cells hidden, in [0, 1).
 
     Returns:
-        bool (B, L), True where hidden; each row hides ``L - num_visible_tokens(L, mask_ratio)`` tokens.
+        bool (B, L), True where hidden; each row hides ``L - num_visible_tokens(L, mask_ratio)`` cells.
     """
+    if isinstance(grid, int) or not grid or min(grid) < 1:
+        raise ValueError(f"grid must be a tuple of positive sizes such as (7, 7) or (4, 4, 4), got {grid!r}")
+    num_tokens = prod(grid)
     keep = num_visible_tokens(num_tokens, mask_ratio)
     noise = torch.rand(batch_size, num_tokens, generator=generator, device=device)
     ranks = noise.argsort(dim=1).argsort(dim=1)  # rank of each token's noise within its row

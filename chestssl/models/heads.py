@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chestssl.data.batch import Batch
+
 
 def class_weights(labels: np.ndarray, task: str) -> torch.Tensor:
     """Inverse-frequency weights: binary -> pos_weight n_neg / n_pos (1,); multiclass -> n / (K n_k) (K,);
@@ -32,7 +34,8 @@ def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
 
 
 class Classifier(nn.Module):
-    """``encoder`` (images -> (B, F) features) + linear head; ``forward((x, y))`` returns the loss.
+    """``encoder`` (images -> (B, F) features) + linear head; ``forward(batch)`` returns the loss on
+    ``batch.images`` and ``batch.labels`` (a :class:`chestssl.data.batch.Batch`).
 
     Args:
         encoder: a feature extractor with a ``feature_size`` (ViT or ResNet); None for a head on precomputed
@@ -65,7 +68,6 @@ class Classifier(nn.Module):
         logits = self.head(self.norm(features))
         return logits.squeeze(-1) if self.task == "binary" else logits
 
-    def forward(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        x, y = batch[0], batch[1]  # a volume loader adds the lung mask as a third element
+    def forward(self, batch: Batch) -> torch.Tensor:
         weights = self.weights if self.weights.numel() else None
-        return task_loss(self.logits(x).float(), y, self.task, weights)
+        return task_loss(self.logits(batch.images).float(), batch.labels, self.task, weights)

@@ -6,7 +6,7 @@ Dosovitskiy et al. 2021 (ViT); the visible-token encoder follows He et al. 2022 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from math import prod
 
 import numpy as np
@@ -19,19 +19,25 @@ from chestssl.models.patches import grid_size
 
 @dataclass(frozen=True)
 class ViTConfig:
-    """Architecture of a :class:`ViT`; stored with every encoder checkpoint."""
+    """Sizes of a :class:`ViT` (the defaults are ViT-Tiny); the input's shape comes from the data.
 
-    spatial_dims: int = 2
-    image_size: int = 28
+    This is the one place ViT defaults live: pretraining, fine-tuning and the encoder file all read them here.
+    """
+
     patch_size: int = 4
-    in_channels: int = 1
     hidden_size: int = 192
     depth: int = 12
     num_heads: int = 3
     mlp_ratio: float = 4.0
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def __post_init__(self) -> None:
+        for name in ("patch_size", "hidden_size", "depth", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"vit.{name} must be at least 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"vit.hidden_size {self.hidden_size} is not divisible by vit.num_heads {self.num_heads}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"vit.mlp_ratio must be positive, got {self.mlp_ratio}")
 
 
 def sincos_position_embedding(grid: tuple[int, ...], width: int) -> torch.Tensor:
@@ -100,18 +106,33 @@ class ViT(nn.Module):
 
     ``forward_features(x, visible)`` runs the transformer only on the tokens where ``visible`` is True,
     which is what makes MAE pretraining cheap: at 75% masking the encoder sees a quarter of the tokens.
+
+    Args:
+        config: the sizes.
+        spatial_dims: 2 (images) or 3 (volumes).
+        image_size: side of the square (cubic) input.
+        in_channels: input channels C.
+        drop_path: stochastic-depth rate of the last block (fine-tuning); not part of the architecture.
     """
 
-    def __init__(self, config: ViTConfig, drop_path: float = 0.0) -> None:
+    kind = "vit"
+    Config = ViTConfig
+    head_norm = "layer"  # MAE fine-tuning normalises the pooled tokens (fc_norm)
+
+    def __init__(self, config: ViTConfig, spatial_dims: int = 2, image_size: int = 28, in_channels: int = 1,
+                 drop_path: float = 0.0) -> None:
         super().__init__()
-        if config.spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {config.spatial_dims}")
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be at least 1, got {in_channels}")
         self.config = config
-        self.grid = grid_size([config.image_size] * config.spatial_dims, config.patch_size)
+        self.spatial_dims, self.image_size, self.in_channels = spatial_dims, image_size, in_channels
+        self.grid = grid_size([image_size] * spatial_dims, config.patch_size)
         self.num_tokens = prod(self.grid)
-        conv = nn.Conv2d if config.spatial_dims == 2 else nn.Conv3d
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
         width = config.hidden_size
-        self.patch_embed = conv(config.in_channels, width, kernel_size=config.patch_size, stride=config.patch_size)
+        self.patch_embed = conv(in_channels, width, kernel_size=config.patch_size, stride=config.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.register_buffer("pos_embed", sincos_position_embedding(self.grid, width).unsqueeze(0), persistent=False)
         rates = np.linspace(0, drop_path, config.depth).tolist()
@@ -131,7 +152,7 @@ class ViT(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, *S) -> (B, L, D) patch tokens with position embedding, without the class token."""
-        expected = (self.config.in_channels,) + (self.config.image_size,) * self.config.spatial_dims
+        expected = (self.in_channels,) + (self.image_size,) * self.spatial_dims
         if tuple(x.shape[1:]) != expected:
             raise ValueError(f"ViT expects inputs of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, D, *G) -> (B, L, D)
@@ -144,15 +165,30 @@ class ViT(nn.Module):
             x: (B, C, *S) input.
             visible: optional bool (B, L), True where a token is kept; every row must keep the same count.
         """
+        return self.hidden_states(x, visible)[-1]
+
+    def hidden_states(self, x: torch.Tensor, visible: torch.Tensor | None = None,
+                      blocks: tuple[int, ...] = ()) -> list[torch.Tensor]:
+        """The outputs of the chosen ``blocks`` (1-based, before the final norm), then the final normed output.
+
+        Each is (B, 1 + L_visible, D) with the class token first; UNETR-style decoders tap blocks such as
+        (3, 6, 9) of a 12-block encoder.
+        """
+        bad = [b for b in blocks if not 1 <= b <= self.config.depth]
+        if bad:
+            raise ValueError(f"blocks {bad} are outside 1..{self.config.depth} (the ViT's depth)")
         tokens = self.embed(x)
         if visible is not None:
             batch, _, width = tokens.shape
             tokens = tokens[visible].reshape(batch, -1, width)  # (B, L_visible, D), grid order kept
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         tokens = torch.cat([cls, tokens], dim=1)
-        for block in self.blocks:
+        taps = []
+        for number, block in enumerate(self.blocks, start=1):
             tokens = block(tokens)
-        return self.norm(tokens)
+            if number in blocks:
+                taps.append(tokens)
+        return taps + [self.norm(tokens)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features (B, D): mean of the patch tokens (MAE fine-tuning uses global pooling)."""
@@ -161,3 +197,16 @@ class ViT(nn.Module):
     @property
     def feature_size(self) -> int:
         return self.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        """Layer groups for layer-wise learning-rate decay (BEiT/MAE): embedding 0, block i is i + 1."""
+        return self.config.depth
+
+    def layer_id(self, name: str) -> int:
+        """The layer group of parameter ``name`` (relative to this encoder)."""
+        if name.startswith(("patch_embed", "cls_token", "pos_embed")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.config.depth + 1

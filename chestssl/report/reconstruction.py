@@ -1,4 +1,5 @@
-"""Reconstruction figures for masked-image-modelling runs: original | masked | reconstruction.
+"""Reconstruction figures for pretraining runs: one column per named panel (original | masked | reconstruction
+for MAE; original | corrupted | reconstruction for group masking).
 
 For 3D volumes each sample shows the axial, coronal and sagittal mid-slices.
 """
@@ -23,31 +24,31 @@ def _views(volume: np.ndarray) -> list[np.ndarray]:
     return [volume[depth // 2], volume[:, height // 2], volume[:, :, width // 2]]
 
 
-def save_reconstruction_grid(
-    original: torch.Tensor, masked: torch.Tensor, reconstruction: torch.Tensor, path: str | Path, title: str = ""
-) -> Path:
-    """Write a PNG with one row per sample (and view) and columns original | masked | reconstruction.
+def save_reconstruction_grid(panels: dict[str, torch.Tensor], path: str | Path, title: str = "") -> Path:
+    """Write a PNG with one row per sample (and view) and one column per panel, in the dict's order.
 
     Args:
-        original, masked, reconstruction: (B, C, *S) tensors on the same intensity scale; channel 0 is shown.
+        panels: name -> (B, C, *S) tensor, all on the intensity scale of the first; channel 0 is shown.
         path: PNG to write.
     """
+    columns = list(panels.values())
+    original = columns[0]
     rows = []
     for sample in range(original.shape[0]):
-        triple = [t[sample, 0].detach().float().cpu().numpy() for t in (original, masked, reconstruction)]
-        rows += list(zip(*[_views(v) for v in triple]))
+        images = [t[sample, 0].detach().float().cpu().numpy() for t in columns]
+        rows += list(zip(*[_views(v) for v in images]))
     names = ["axial", "coronal", "sagittal"] * original.shape[0] if original.ndim == 5 else [""] * len(rows)
     low = float(original.min())
     high = float(original.max())
     height = 1.5 * len(rows) + 0.4  # inches; the top 0.4 for the title
-    figure, axes = plt.subplots(len(rows), 3, figsize=(4.8, height), squeeze=False)
+    figure, axes = plt.subplots(len(rows), len(columns), figsize=(1.6 * len(columns), height), squeeze=False)
     for row, images, name in zip(axes, rows, names):
         for axis, image in zip(row, images):
             axis.imshow(image, cmap="gray", vmin=low, vmax=high)
             axis.set_xticks([])
             axis.set_yticks([])
         row[0].set_ylabel(name, fontsize=7)
-    for axis, name in zip(axes[0], ("original", "masked", "reconstruction")):
+    for axis, name in zip(axes[0], panels):
         axis.set_title(name, fontsize=8)
     if title:
         figure.suptitle(title, fontsize=9)

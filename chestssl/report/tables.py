@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 RESULT_COLUMNS = [
     "init", "label_fraction", "seed", "n_train", "n_val", "selection", "epochs", "best_epoch", "val_auc",
     "test_auc", "test_acc", "test_balanced_accuracy", "test_f1_weighted", "seconds", "run_dir",
+    "code_version", "torch", "monai", "device", "threads",
 ]
 METRICS = [("test_auc", "AUC"), ("test_acc", "ACC"), ("test_balanced_accuracy", "Bal. acc"), ("test_f1_weighted", "F1 (w)")]
 
@@ -40,8 +41,20 @@ def summarise(rows: list[dict]) -> list[dict]:
         for key, _ in METRICS:
             values = np.array([float(m[key]) for m in members], dtype=np.float64)
             entry[key] = (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else float("nan"))
+        entry["test_auc_ci"] = confidence_interval([float(m["test_auc"]) for m in members])
         summary.append(entry)
     return summary
+
+
+def confidence_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval for the mean over seeds; (nan, nan) for a single seed."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
 
 
 def _cell(mean_std: tuple[float, float]) -> str:
@@ -50,12 +63,14 @@ def _cell(mean_std: tuple[float, float]) -> str:
 
 
 def markdown_table(summary: list[dict]) -> str:
-    header = "| labels | init | n labelled | seeds | " + " | ".join(name for _, name in METRICS) + " |"
-    lines = [header, "|" + "---|" * (4 + len(METRICS))]
+    header = "| labels | init | n labelled | seeds | " + " | ".join(name for _, name in METRICS) + " | AUC 95% CI |"
+    lines = [header, "|" + "---|" * (5 + len(METRICS))]
     for entry in summary:
         cells = [f"{entry['label_fraction']:.0%}" if entry["label_fraction"] >= 0.01 else f"{entry['label_fraction']:.1%}",
                  entry["init"], str(entry["n_train"]), str(entry["seeds"])]
-        lines.append("| " + " | ".join(cells + [_cell(entry[key]) for key, _ in METRICS]) + " |")
+        low, high = entry.get("test_auc_ci", (float("nan"), float("nan")))
+        interval = "" if math.isnan(low) else f"[{low:.3f}, {high:.3f}]"
+        lines.append("| " + " | ".join(cells + [_cell(entry[key]) for key, _ in METRICS] + [interval]) + " |")
     return "\n".join(lines)
 
 
@@ -88,7 +103,8 @@ def write_report(run_dir: str | Path) -> Path:
     figure = plot(summary, run_dir / "metric_vs_fraction.png")
     selections = sorted({entry["selection"].split(" (")[0] for entry in summary})
     table = markdown_table(summary)
-    notes = (f"{len(rows)} runs. Test metrics on the test split; mean ± sample std over seeds. "
+    notes = (f"{len(rows)} runs. Test metrics on the test split; mean ± sample std over seeds, and a Student-t "
+             "95% confidence interval for the mean AUC. "
              f"ACC at threshold 0.5 as the MedMNIST evaluator computes it. Model selection: {'; '.join(selections)}.")
     (run_dir / "report.md").write_text(f"# Label-efficiency benchmark\n\n{notes}\n\n{table}\n\n![metric vs fraction]({figure.name})\n")
     image = base64.b64encode(figure.read_bytes()).decode()

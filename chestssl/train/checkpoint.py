@@ -8,6 +8,7 @@ holds only the encoder's weights with its architecture and the preprocessing its
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -18,9 +19,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from chestssl.errors import CheckpointError
+from chestssl.models.encoders import build_encoder, parse_architecture, record_of
 
 FORMAT = "chestssl-checkpoint-1"
-ENCODER_FORMAT = "chestssl-encoder-1"
+ENCODER_FORMAT = "chestssl-encoder-2"  # version 2: the architecture record of chestssl.models.encoders
+MODEL_FORMAT = "chestssl-model-1"  # a fine-tuned model: encoder, head, task, classes, preprocessing
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, Any], path: str | Path) -> None:
@@ -38,6 +41,21 @@ def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, Any], path
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete temporary files a killed :func:`atomic_save` left in ``folder`` (``.NAME.*.tmp``); returns them.
+
+    Call it only where no other process is writing into ``folder`` (a run's main process at start).
+    """
+    removed = []
+    for path in Path(folder).glob(".*.safetensors.*.tmp"):
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    if removed:
+        logging.getLogger(__name__).info("removed %d temporary file(s) left by an interrupted write in %s",
+                                         len(removed), folder)
+    return removed
 
 
 def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -98,6 +116,25 @@ def save_training_state(
     atomic_save(tensors, {"format": FORMAT, "identity": identity, "progress": progress, "optimizer": optimizer_meta}, path)
 
 
+def check_resumable(path: str | Path, identity: dict[str, Any]) -> None:
+    """Refuse, before a run writes anything, to continue a checkpoint written with another identity."""
+    if not Path(path).exists():
+        return
+    _, meta = read(path)
+    if meta.get("format") == FORMAT and meta.get("identity") != identity:
+        _refuse(path, meta["identity"], identity)
+
+
+def _refuse(path: str | Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    from chestssl.train.reuse import changed_settings
+
+    changes = changed_settings(old, new)
+    raise CheckpointError(
+        f"{path} was written by a run with other settings ({'; '.join(changes[:8])}{' ...' if len(changes) > 8 else ''}); "
+        "refusing to resume. Use another run_dir, or delete the checkpoint to start again"
+    )
+
+
 def load_training_state(
     path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, identity: dict[str, Any]
 ) -> dict[str, Any]:
@@ -106,10 +143,7 @@ def load_training_state(
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a chestssl training checkpoint (format {meta.get('format')!r})")
     if meta["identity"] != identity:
-        raise CheckpointError(
-            f"{path} was written by a run with another architecture or config; refusing to resume. "
-            f"checkpoint: {json.dumps(meta['identity'], sort_keys=True)}; this run: {json.dumps(identity, sort_keys=True)}"
-        )
+        _refuse(path, meta["identity"], identity)
     model_state = {name[len("model."):]: value for name, value in tensors.items() if name.startswith("model.")}
     load_weights(model, model_state, str(path))
     optimizer_tensors = {name: value for name, value in tensors.items() if name.startswith("optimizer.")}
@@ -131,18 +165,58 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
     model.load_state_dict(state)
 
 
-def save_encoder(path: str | Path, encoder: torch.nn.Module, architecture: dict[str, Any], preprocessing: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-    """Hand the encoder on: weights plus architecture and the preprocessing of its inputs."""
-    metadata = {"format": ENCODER_FORMAT, "architecture": architecture, "preprocessing": preprocessing, **(extra or {})}
-    atomic_save(encoder.state_dict(), metadata, path)
+def _save_with_json(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    atomic_save(tensors, metadata, path)
     Path(path).with_suffix(".json").write_text(json.dumps(metadata, indent=2))
 
 
+def save_encoder(path: str | Path, encoder: torch.nn.Module, preprocessing: dict[str, Any],
+                 extra: dict[str, Any] | None = None) -> None:
+    """Hand the encoder on: weights, its complete architecture record and the preprocessing of its inputs.
+
+    A readable copy of the metadata is written beside it as ``.json``; the safetensors header is what counts.
+    """
+    metadata = {"format": ENCODER_FORMAT, "architecture": record_of(encoder), "preprocessing": preprocessing,
+                **(extra or {})}
+    _save_with_json(path, encoder.state_dict(), metadata)
+
+
 def read_encoder(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Weights and metadata of an encoder file; CheckpointError if it is not one."""
+    """Weights and metadata of an encoder file, its architecture record validated (nothing built yet)."""
     tensors, meta = read(path)
     if meta.get("format") != ENCODER_FORMAT:
-        raise CheckpointError(f"{path} is not a chestssl encoder file (format {meta.get('format')!r})")
+        raise CheckpointError(f"{path} is not a chestssl encoder file of this version (format {meta.get('format')!r}, "
+                              f"expected {ENCODER_FORMAT!r}); pretrain the encoder again with this chestssl")
+    _check_record(path, meta.get("architecture"))
+    return tensors, meta
+
+
+def load_encoder(path: str | Path, **options: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The encoder of an encoder file with its weights loaded strictly, and the file's metadata."""
+    tensors, meta = read_encoder(path)
+    encoder = build_encoder(meta["architecture"], str(path), **options)
+    load_weights(encoder, tensors, str(path))
+    return encoder, meta
+
+
+def _check_record(path: str | Path, record: Any) -> None:
+    try:
+        parse_architecture(record, str(path))
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{path}: its architecture record is not usable: {error}") from error
+
+
+def save_model(path: str | Path, model: torch.nn.Module, metadata: dict[str, Any]) -> None:
+    """A fine-tuned model: all its weights, plus what rebuilding and using it needs (see ``chestssl.train.tasks``)."""
+    _save_with_json(path, model.state_dict(), {"format": MODEL_FORMAT, **metadata})
+
+
+def read_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights and metadata of a fine-tuned model file; its encoder's architecture record validated."""
+    tensors, meta = read(path)
+    if meta.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{path} is not a chestssl fine-tuned model file (format {meta.get('format')!r})")
+    _check_record(path, meta.get("encoder"))
     return tensors, meta
 
 

@@ -61,6 +61,15 @@ def mean_across(value: float, context: Context) -> float:
     return float(tensor.item()) / context.world_size
 
 
+def all_true(value: bool, context: Context) -> bool:
+    """True only if ``value`` is True on every process (one tiny all-reduce; no communication when alone)."""
+    if not context.distributed:
+        return value
+    tensor = torch.tensor([1 if value else 0], dtype=torch.int32, device=context.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return bool(tensor.item())
+
+
 def barrier(context: Context) -> None:
     if context.distributed:
         dist.barrier()

@@ -1,18 +1,22 @@
-"""``chestssl finetune``: fine-tune or linear-probe a classifier on a stratified fraction of the labels.
+"""``chestssl finetune``: fine-tune or linear-probe an encoder on a stratified fraction of the labels.
 
 Model selection follows the label fraction: with ``selection: fraction`` the epoch is chosen on a validation
 subset drawn with the same fraction (a 1% run sees 1% of the validation labels too); ``fixed`` trains a fixed
 schedule and keeps the last epoch; ``full`` selects on the whole validation split and is reported as such.
+
+The encoder comes from a pretrained encoder file (``pretrained``), or is built with fresh weights from the
+architecture recorded in one (``architecture_of``: the pretrained model's from-scratch twin), or from the
+``encoder`` kind and its section (``vit.*``, ``resnet.*``). The run writes ``model.safetensors`` +
+``model.json``: everything needed to rebuild and apply the model (see :func:`chestssl.train.tasks.load_model`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +24,27 @@ import numpy as np
 import torch
 
 from chestssl.config import save_config
-from chestssl.data.augment import AugmentConfig
-from chestssl.data.batches import Normalisation, xray_preprocessing
-from chestssl.data.splits import label_fraction, load_splits
+from chestssl.data.batch import Batches, Normalisation, xray_preprocessing
+from chestssl.data.datasets import Labelled, Split, load_labelled
+from chestssl.data.splits import label_fraction
+from chestssl.data.views import ViewConfig
 from chestssl.errors import CheckpointError
-from chestssl.models.heads import Classifier, class_weights, probabilities
-from chestssl.models.resnet import resnet18
-from chestssl.models.vit import ViT, ViTConfig
+from chestssl.models.encoders import ENCODERS, architecture, build_encoder, record_of
+from chestssl.models.heads import class_weights
+from chestssl.models.resnet import ResNetConfig
+from chestssl.models.vit import ViTConfig
 from chestssl.train import distributed
-from chestssl.train.checkpoint import atomic_save, check_preprocessing, load_weights, read, read_encoder
-from chestssl.train.evaluate import auc, classification_metrics, cross_entropy
-from chestssl.train.inputs import Labelled, Split, load_cache_splits, make_batches
+from chestssl.train.checkpoint import atomic_save, check_preprocessing, load_encoder, load_weights, read, read_encoder, save_model
 from chestssl.train.loop import Schedule, fit, resume_identity
-from chestssl.train.optim import param_groups, vit_layer_id
+from chestssl.train.optim import param_groups
+from chestssl.train.reuse import RESULTS_NAME, check_reusable, environment
+from chestssl.train.tasks import TASKS, task_class
 
 log = logging.getLogger(__name__)
 
-MODELS = ("vit", "resnet18")
 MODES = ("full", "linear")
 SELECTIONS = ("fraction", "fixed", "full")
+MODEL_NAME = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -52,12 +58,12 @@ class FinetuneConfig:
     dataset_root: str | None = None
     labels_csv: str | None = None
     image_size: int = 28
-    model: str = "vit"
-    encoder: str | None = None
-    patch_size: int = 4
-    hidden_size: int = 192
-    depth: int = 6
-    num_heads: int = 3
+    task: str = "classification"
+    encoder: str = "vit"
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    resnet: ResNetConfig = field(default_factory=ResNetConfig)
+    pretrained: str | None = None
+    architecture_of: str | None = None
     mode: str = "full"
     label_fraction: float = 1.0
     selection: str = "fraction"
@@ -72,83 +78,87 @@ class FinetuneConfig:
     warmup_epochs: float = 2.0
     drop_path: float = 0.1
     class_weighting: str = "balanced"
-    crop_scale: tuple[float, float] = (0.7, 1.0)
-    rotate_degrees: float = 10.0
-    flip_probability: float = 0.0
-    intensity: float = 0.1
+    views: ViewConfig = field(default_factory=lambda: ViewConfig(crop_scale=(0.7, 1.0)))
     normalisation_mean: float = 0.5
     normalisation_std: float = 0.25
-    resnet_small_input: bool = True
     num_workers: int = 0
     device: str = "auto"
     checkpoint_every: int = 5
+    overwrite: bool = False
+    trace_test: bool = False  # diagnostic: log test metrics every epoch (never used for selection)
 
     def __post_init__(self) -> None:
-        for name, value, valid in (("model", self.model, MODELS), ("mode", self.mode, MODES),
-                                   ("selection", self.selection, SELECTIONS),
-                                   ("class_weighting", self.class_weighting, ("balanced", "none"))):
+        for name, value, valid in (("mode", self.mode, MODES), ("selection", self.selection, SELECTIONS),
+                                   ("class_weighting", self.class_weighting, ("balanced", "none")),
+                                   ("task", self.task, tuple(TASKS)), ("encoder", self.encoder, tuple(ENCODERS))):
             if value not in valid:
-                raise ValueError(f"{name} must be one of {valid}, got {value!r}")
-        if self.encoder and self.model != "vit":
-            raise ValueError("an encoder file is a pretrained ViT: set model=vit")
-        if self.dataset == "ct-cache" and not self.cache_dir:
-            raise ValueError("dataset ct-cache needs cache_dir: a folder written by prepare-ct or a dataset builder")
+                raise ValueError(f"{name} must be one of {list(valid)}, got {value!r}")
+        if self.pretrained and self.architecture_of:
+            raise ValueError("set pretrained (weights and architecture of an encoder file) or architecture_of "
+                             "(its architecture with fresh weights), not both")
+        if self.mode == "linear" and not self.pretrained:
+            raise ValueError("a linear probe needs a pretrained encoder: set pretrained=FILE")
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+        for name in ("epochs", "batch_size", "image_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("min_steps", "num_workers", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.weight_decay < 0 or self.warmup_epochs < 0 or not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"weight_decay and warmup_epochs must be >= 0 and drop_path in [0, 1), got "
+                             f"{self.weight_decay}, {self.warmup_epochs}, {self.drop_path}")
+        if not self.normalisation_std > 0:
+            raise ValueError(f"normalisation_std must be positive, got {self.normalisation_std}")
 
     def normalisation(self) -> Normalisation:
         return Normalisation(self.normalisation_mean, self.normalisation_std)
 
 
-def load_labelled(config: FinetuneConfig) -> Labelled:
+def load_data(config: FinetuneConfig) -> Labelled:
     """Train/val/test for the run: a named 2D dataset, or a CT volume cache (``dataset: ct-cache``)."""
-    if config.dataset == "ct-cache":
-        data = load_cache_splits(config.cache_dir, config.split_seed)
-        normalisation = {"mean": config.normalisation_mean, "std": config.normalisation_std}
-        return dataclasses.replace(data, preprocessing={**data.preprocessing, "normalisation": normalisation})
-    splits = load_splits(config.dataset, config.data_dir, config.image_size, config.split_seed,
+    return load_labelled(config.dataset, config.data_dir, config.image_size, config.split_seed,
+                         xray_preprocessing(config.image_size, config.normalisation()), cache_dir=config.cache_dir,
                          root=config.dataset_root, labels_csv=config.labels_csv)
-    parts = {name: Split(d.images, d.labels, d.patient_ids) for name, d in splits.items()}
-    train = splits["train"]
-    return Labelled(parts["train"], parts["val"], parts["test"], train.task, train.class_names, 2,
-                    xray_preprocessing(config.image_size, config.normalisation()))
 
 
-def build_encoder(config: FinetuneConfig, data: Labelled) -> tuple[torch.nn.Module, int, str]:
-    """The encoder to fine-tune, its depth (for layer-wise decay) and where its weights came from."""
-    spatial_dims = data.spatial_dims
-    if config.model == "resnet18":
-        return resnet18(spatial_dims=spatial_dims, in_channels=1, small_input=config.resnet_small_input), 0, "scratch"
-    if config.encoder:
-        tensors, meta = read_encoder(config.encoder)
-        check_preprocessing(config.encoder, meta["preprocessing"], data.preprocessing)
-        if meta["architecture"].get("name") != "vit":
-            raise CheckpointError(f"{config.encoder} holds a {meta['architecture'].get('name')!r} encoder, not a ViT")
-        architecture = {k: v for k, v in meta["architecture"].items() if k != "name"}
-        encoder = ViT(ViTConfig(**architecture), drop_path=config.drop_path)
-        load_weights(encoder, tensors, str(config.encoder))
-        return encoder, encoder.config.depth, f"{meta.get('method', 'pretrained')}:{config.encoder}"
-    size = data.preprocessing.get("size", config.image_size) if spatial_dims == 3 else config.image_size
-    vit = ViTConfig(spatial_dims=spatial_dims, image_size=size, patch_size=config.patch_size, in_channels=1,
-                    hidden_size=config.hidden_size, depth=config.depth, num_heads=config.num_heads)
-    return ViT(vit, drop_path=config.drop_path), vit.depth, "scratch"
+def _check_inputs(record: dict[str, Any], data: Labelled, source: str) -> None:
+    expected = {"spatial_dims": data.spatial_dims, "image_size": data.image_size, "in_channels": 1}
+    differences = [f"{key}: encoder {record[key]} vs data {value}" for key, value in expected.items() if record[key] != value]
+    if differences:
+        raise CheckpointError(f"{source} was made for other inputs than this data ({'; '.join(differences)})")
 
 
-@torch.no_grad()
-def predict(model: torch.nn.Module, inputs, normalisation: Normalisation | None, device: torch.device,
-            num_workers: int = 0, batch_size: int = 256) -> np.ndarray:
-    """Probabilities for every input, in order (evaluation mode, no augmentation)."""
-    model.eval()
-    batches = make_batches(inputs, None, batch_size, normalisation, None, False, False, device=device, num_workers=num_workers)
-    outputs = [probabilities(model.logits(batch[0]).float(), model.task).cpu() for batch in batches.epoch(0, 0)]
-    model.train()
-    return torch.cat(outputs).numpy()
+def build_run_encoder(config: FinetuneConfig, data: Labelled) -> tuple[torch.nn.Module, str]:
+    """The encoder to fine-tune and where its weights came from ("scratch" or "<method>:<file>")."""
+    options = {"drop_path": config.drop_path} if config.mode == "full" else {}
+    if config.pretrained:
+        _, meta = read_encoder(config.pretrained)
+        check_preprocessing(config.pretrained, meta["preprocessing"], data.preprocessing)
+        _check_inputs(meta["architecture"], data, config.pretrained)
+        encoder, _ = load_encoder(config.pretrained, **options)
+        return encoder, f"{meta.get('method', 'pretrained')}:{config.pretrained}"
+    if config.architecture_of:
+        _, meta = read_encoder(config.architecture_of)
+        _check_inputs(meta["architecture"], data, config.architecture_of)
+        return build_encoder(meta["architecture"], config.architecture_of, **options), "scratch"
+    settings = config.vit if config.encoder == "vit" else config.resnet
+    record = architecture(config.encoder, settings, data.spatial_dims, data.image_size)
+    return build_encoder(record, **options), "scratch"
 
 
 @torch.no_grad()
-def extract_features(encoder: torch.nn.Module, inputs, normalisation: Normalisation, device: torch.device,
+def extract_features(encoder: torch.nn.Module, split: Split, normalisation: Normalisation, device: torch.device,
                      num_workers: int = 0) -> np.ndarray:
+    """Pooled encoder features (N, F) of a split, in order, without augmentation."""
     encoder.eval()
-    batches = make_batches(inputs, None, 256, normalisation, None, False, False, device=device, num_workers=num_workers)
-    return torch.cat([encoder(batch[0]).float().cpu() for batch in batches.epoch(0, 0)]).numpy()
+    batches = Batches(split.inputs, None, 256, normalisation, (), False, False, device=device, num_workers=num_workers)
+    return torch.cat([encoder(batch.images).float().cpu() for batch in batches.epoch(0, 0)]).numpy()
 
 
 def _choose(config: FinetuneConfig, data: Labelled) -> tuple[Split, Split | None, str]:
@@ -166,88 +176,111 @@ def _choose(config: FinetuneConfig, data: Labelled) -> tuple[Split, Split | None
 
 
 def finetune(config: FinetuneConfig) -> dict[str, Any]:
-    """Run (or resume, or return the finished result of) one fine-tuning run; returns its results dict."""
+    """Run (or resume, or return the finished result of) one fine-tuning run; returns its results dict.
+
+    A finished run is reused only when its config is the same (apart from where and how often it writes);
+    otherwise it stops naming the changed settings, or, with ``overwrite=true``, runs again.
+    """
     run_dir = Path(config.run_dir)
-    results_path = run_dir / "results.json"
-    if results_path.exists():
-        log.info("%s already finished; reading its results", run_dir)
-        return json.loads(results_path.read_text())
+    results_path = run_dir / RESULTS_NAME
+    identity = resume_identity(config)
+    finished = check_reusable(run_dir, identity, config.overwrite)
+    if finished is not None:
+        log.info("%s already finished with this config; reading its results", run_dir)
+        return finished
     context = distributed.setup(config.device)
-    if context.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
     started = time.perf_counter()
-    data = load_labelled(config)
+    data = load_data(config)
     train, val, selection_note = _choose(config, data)
-    test, task = data.test, data.task
-    num_outputs = 1 if task == "binary" else len(data.class_names)
+    test = data.test
+    task = task_class(config.task)(data.label_kind, data.class_names)
     log.info("fine-tuning on %d labelled samples (%.3g of %d); selection: %s", len(train), config.label_fraction,
              len(data.train), selection_note)
 
     torch.manual_seed(config.seed)
     normalisation = config.normalisation()
-    encoder, depth, source = build_encoder(config, data)
-    weights = class_weights(train.labels, task) if config.class_weighting == "balanced" else None
+    encoder, source = build_run_encoder(config, data)
+    if context.is_main:  # only now is the run known to be valid: nothing was written before
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    weights = class_weights(train.labels, data.label_kind) if config.class_weighting == "balanced" else None
     if config.mode == "linear":
         encoder.to(context.device)
-        features = [None if split is None else extract_features(encoder, split.inputs, normalisation, context.device,
-                                                                 config.num_workers) for split in (train, val, test)]
-        train_inputs, val_inputs, test_inputs = features
-        input_norm = None
-        model = Classifier(None, encoder.feature_size, num_outputs, task, weights, feature_norm="batch")
-        groups, augment = param_groups(model, 0.0), None
+        splits = (train, val, test)
+        train_inputs, val_inputs, test_inputs = (None if s is None else extract_features(
+            encoder, s, normalisation, context.device, config.num_workers) for s in splits)
+        input_norm, views = None, ()
+        model = task.build_model(None, encoder.feature_size, "batch", weights)
+        groups = param_groups(model, 0.0)
     else:
         train_inputs, val_inputs, test_inputs = train.inputs, None if val is None else val.inputs, test.inputs
-        input_norm = normalisation
-        model = Classifier(encoder, encoder.feature_size, num_outputs, task, weights,
-                           feature_norm="layer" if config.model == "vit" else "none")
-        layer_of = (lambda name: vit_layer_id(name.removeprefix("encoder."), depth)) if config.model == "vit" else None
-        groups = param_groups(model, config.weight_decay, config.layer_decay if config.model == "vit" else 1.0, depth, layer_of)
-        augment = AugmentConfig(crop_scale=config.crop_scale, rotate_degrees=config.rotate_degrees,
-                                flip_probability=config.flip_probability, intensity=config.intensity)
+        input_norm, views = normalisation, (config.views,)
+        model = task.build_model(encoder, encoder.feature_size, encoder.head_norm, weights)
+        depth = encoder.num_layers
+
+        def layer_of(name: str) -> int:
+            return encoder.layer_id(name.removeprefix("encoder.")) if name.startswith("encoder.") else depth + 1
+
+        groups = param_groups(model, config.weight_decay, config.layer_decay, depth, layer_of)
     model.to(context.device)
-    batches = make_batches(train_inputs, train.labels, config.batch_size, input_norm, augment, True, True,
-                           context.rank, context.world_size, context.device, config.num_workers)
+    batches = Batches(train_inputs, train.labels, config.batch_size, input_norm, views, True, True, context.rank,
+                      context.world_size, context.device, config.num_workers)
+
+    def evaluation(inputs: Any) -> Batches:
+        return Batches(inputs, None, 256, input_norm, (), False, False, device=context.device, num_workers=config.num_workers)
+
     epochs = max(config.epochs, math.ceil(config.min_steps / len(batches)))
     lr = config.lr * config.batch_size / 256
     optimizer = torch.optim.AdamW(groups, lr=lr)
     schedule = Schedule(epochs=epochs, steps_per_epoch=len(batches), lr=lr, warmup_epochs=config.warmup_epochs)
     best_path = run_dir / "best.safetensors"
-    state: dict[str, Any] = {"best_score": None, "best_loss": None, "best_epoch": None}
+    state: dict[str, Any] = {"best_key": None, "best_epoch": None, "best_values": None}
 
     def on_epoch_end(epoch: int) -> dict[str, Any]:
+        traced = {}
+        if config.trace_test:  # to measure how fragile selection is; the chosen epoch never depends on it
+            traced = {f"trace_test_{k}": v for k, v in task.metrics(test.labels, task.scores(model, evaluation(test_inputs))).items()}
         if val_inputs is None:
-            return {}
-        scores = predict(model, val_inputs, input_norm, context.device, config.num_workers)
-        val_auc, val_loss = auc(val.labels, scores, task), cross_entropy(val.labels, scores, task)
-        # validation loss breaks ties: a small validation subset often puts AUC at 1.0 for many epochs
-        key = (-1.0 if math.isnan(val_auc) else val_auc, -val_loss)
-        if state["best_score"] is None or key > (state["best_score"], -state["best_loss"]):
-            state.update(best_score=key[0], best_loss=val_loss, best_epoch=epoch)
+            return traced
+        key, values = task.selection(val.labels, task.scores(model, evaluation(val_inputs)))
+        if state["best_key"] is None or tuple(key) > tuple(state["best_key"]):
+            state.update(best_key=list(key), best_epoch=epoch, best_values=values)
             if context.is_main:
-                atomic_save(model.state_dict(), {"epoch": epoch, "val_auc": val_auc, "val_loss": val_loss}, best_path)
-        return {"val_auc": val_auc, "val_loss": val_loss}
+                atomic_save(model.state_dict(), {"epoch": epoch, **values}, best_path)
+        return {**values, **traced}
 
-    identity = resume_identity(config, model=config.model, source=source)
     fit(model, optimizer, lambda epoch: batches.epoch(config.seed, epoch), schedule, context, run_dir, config.seed,
-        identity, checkpoint_every=config.checkpoint_every, on_epoch_end=on_epoch_end, state=state,
-        description=f"finetune {config.model} {config.label_fraction:g}")
+        {**identity, "init": source}, checkpoint_every=config.checkpoint_every, on_epoch_end=on_epoch_end, state=state,
+        description=f"finetune {encoder.kind} {config.label_fraction:g}")
     distributed.barrier(context)
     if val_inputs is not None:
         tensors, _ = read(best_path)
         load_weights(model, tensors, str(best_path))
-    scores = predict(model, test_inputs, input_norm, context.device, config.num_workers)
-    test_metrics = classification_metrics(test.labels, scores, task)
+    scores = task.scores(model, evaluation(test_inputs))
+    test_metrics = task.metrics(test.labels, scores)
+    if config.mode == "linear":  # the saved model runs on images: the frozen encoder under the trained head
+        head_state = model.state_dict()
+        model = task.build_model(encoder, encoder.feature_size, "batch").to(context.device)
+        own = model.state_dict()
+        model.load_state_dict({**own, **{k: v for k, v in head_state.items() if k in own}})
     result = {
-        "run_dir": str(run_dir), "dataset": config.dataset, "model": config.model, "init": source, "mode": config.mode,
-        "label_fraction": config.label_fraction, "seed": config.seed, "n_train": len(train), "n_val": 0 if val is None else len(val),
-        "selection": selection_note, "epochs": epochs, "steps": epochs * len(batches),
+        "run_dir": str(run_dir), "dataset": config.dataset, "task": config.task, "encoder": encoder.kind,
+        "init": source, "mode": config.mode, "label_fraction": config.label_fraction, "seed": config.seed,
+        "n_train": len(train), "n_val": 0 if val is None else len(val), "selection": selection_note,
+        "epochs": epochs, "steps": epochs * len(batches),
         "best_epoch": state["best_epoch"] if val_inputs is not None else epochs - 1,
-        "val_auc": state["best_score"], "seconds": round(time.perf_counter() - started, 1),
+        "val_auc": (state["best_values"] or {}).get("val_auc"), "seconds": round(time.perf_counter() - started, 1),
         **{f"test_{name}": value for name, value in test_metrics.items()},
+        **environment(context.device),
     }
     if context.is_main:
-        results_path.write_text(json.dumps(result, indent=2))
+        save_model(run_dir / MODEL_NAME, model, {
+            **task.describe(), "encoder": record_of(model.encoder), "head": {"feature_size": encoder.feature_size,
+            "feature_norm": "batch" if config.mode == "linear" else encoder.head_norm},
+            "preprocessing": data.preprocessing, "mode": config.mode, "init": source, "label_fraction": config.label_fraction,
+        })
+        results_path.write_text(json.dumps({**result, "identity": identity}, indent=2))
         log.info("test AUC %.4f ACC %.4f balanced acc %.4f F1 %.4f", result["test_auc"], result["test_acc"],
                  result["test_balanced_accuracy"], result["test_f1_weighted"])
     return result
+

@@ -1,8 +1,10 @@
 """The one training loop, shared by pretraining and fine-tuning (nanoGPT ``train.py``; MAE ``engine_pretrain``).
 
-Per-iteration learning rate, a stop on a non-finite loss, autocast only on GPU, periodic atomic checkpoints,
-``metrics.jsonl`` in the run directory, and an exact resume: every epoch's randomness is derived from
-``(seed, epoch)``, so a run restarted from its last checkpoint continues as if it had never stopped.
+Per-iteration learning rate, a stop on a non-finite loss (every process together under ``torchrun``), autocast
+only on GPU, periodic atomic checkpoints, ``metrics.jsonl`` in the run directory, and an exact resume: every
+epoch's randomness is derived from ``(seed, epoch)``, so a run restarted from its last checkpoint continues as if
+it had never stopped. The loop knows nothing of the method it trains: ``model(batch)`` gives the loss (or the
+loss and a dict of scalars to log) and ``model.after_step(progress)``, where defined, runs after each step.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from tqdm.auto import tqdm
 
 from chestssl.config import to_dict
 from chestssl.errors import ChestSSLError
-from chestssl.train.checkpoint import load_training_state, save_training_state
-from chestssl.train.distributed import Context, barrier, mean_across
+from chestssl.train.checkpoint import load_training_state, remove_stale_temporaries, save_training_state
+from chestssl.train.distributed import Context, all_true, barrier, mean_across
 from chestssl.train.optim import cosine_schedule, set_learning_rate
 
 log = logging.getLogger(__name__)
@@ -49,8 +51,23 @@ class Schedule:
     grad_clip: float = 0.0
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where the run is, handed to a method's ``after_step``: ``step`` of ``total_steps`` (0-based, counted after
+    the step), in ``epoch``."""
+
+    step: int
+    total_steps: int
+    epoch: int
+
+    @property
+    def fraction(self) -> float:
+        """Share of training done, in (0, 1]."""
+        return (self.step + 1) / max(1, self.total_steps)
+
+
 # Settings that change where or how often a run writes, not what it computes: a resume may change them.
-RUN_ONLY_KEYS = ("run_dir", "device", "checkpoint_every", "grid_every", "num_workers")
+RUN_ONLY_KEYS = ("run_dir", "device", "checkpoint_every", "grid_every", "num_workers", "overwrite", "trace_test")
 
 
 def resume_identity(config: Any, **extra: Any) -> dict[str, Any]:
@@ -79,6 +96,30 @@ def _truncate_metrics(path: Path, start_epoch: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def train_step(trained: nn.Module, optimizer: torch.optim.Optimizer, batch: Any, context: Context,
+               grad_clip: float = 0.0) -> tuple[float, dict[str, Any]]:
+    """One optimiser step of the loop: forward (bf16 autocast on GPU only), the non-finite check agreed by every
+    process, backward, clipping, step. Returns the loss and the method's extra scalars.
+
+    Benchmarks time this function, so their figures describe what users run.
+    """
+    with torch.autocast(device_type=context.device.type, dtype=torch.bfloat16, enabled=context.device.type == "cuda"):
+        output = trained(batch)
+    loss, logged = output if isinstance(output, tuple) else (output, {})
+    # every process learns whether any loss was non-finite, so all stop together instead of hanging
+    if not all_true(bool(torch.isfinite(loss.detach())), context):
+        value = loss.item()
+        where = "here" if not math.isfinite(value) else "on another process"
+        raise NonFiniteLossError(f"loss is not finite {where} (this process: {value})")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        parameters = trained.module.parameters() if hasattr(trained, "module") else trained.parameters()
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    optimizer.step()
+    return loss.item(), logged
+
+
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -95,10 +136,11 @@ def fit(
     state: dict[str, Any] | None = None,
     description: str = "train",
 ) -> dict[str, Any]:
-    """Train ``model`` whose ``forward(batch)`` returns a scalar loss.
+    """Train ``model`` whose ``forward(batch)`` returns a scalar loss, or ``(loss, {name: scalar})``.
 
     Args:
-        model: the method (MAE, classifier...) to train; wrapped in DDP here when the run is distributed.
+        model: the method (MAE, classifier...) to train; wrapped in DDP here when the run is distributed. Its
+            optional ``after_step(progress)`` is called after every optimiser step with a :class:`Progress`.
         optimizer: built on ``model``'s parameters, groups may carry an ``lr_scale``.
         batches: ``epoch -> iterable of batches`` for this process.
         schedule: epochs, steps and learning-rate schedule.
@@ -127,35 +169,33 @@ def fit(
         log.info("resumed from %s at epoch %d", checkpoint, start_epoch)
     if context.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir)
         _truncate_metrics(metrics_path, start_epoch)
 
     trained = DistributedDataParallel(model) if context.distributed else model
+    after_step = getattr(model, "after_step", None)
     total_steps = schedule.epochs * schedule.steps_per_epoch
     warmup_steps = int(schedule.warmup_epochs * schedule.steps_per_epoch)
-    use_autocast = context.device.type == "cuda"
     last_saved = time.perf_counter()
     bar = tqdm(total=total_steps, initial=start_epoch * schedule.steps_per_epoch, desc=description,
                disable=not context.is_main, dynamic_ncols=True, mininterval=2.0)
     for epoch in range(start_epoch, schedule.epochs):
         seed_everything(seed, epoch, context.rank)
         trained.train()
-        started, losses = time.perf_counter(), []
+        started, losses, extras = time.perf_counter(), [], {}
         for index, batch in enumerate(batches(epoch)):
             step = epoch * schedule.steps_per_epoch + index
             lr = set_learning_rate(optimizer, schedule.lr, cosine_schedule(step, total_steps, warmup_steps, schedule.min_lr_ratio))
-            with torch.autocast(device_type=context.device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                loss = trained(batch)
-            if not math.isfinite(loss.item()):
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at epoch {epoch} step {step}; the last checkpoint in {run_dir} is kept "
-                    "(resume with a lower learning rate or check the input data)"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if schedule.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.grad_clip)
-            optimizer.step()
-            losses.append(loss.item())
+            try:
+                loss, logged = train_step(trained, optimizer, batch, context, schedule.grad_clip)
+            except NonFiniteLossError as error:
+                raise NonFiniteLossError(f"{error} at epoch {epoch} step {step}; the last checkpoint in {run_dir} is "
+                                         "kept (resume with a lower learning rate or check the input data)") from None
+            if after_step is not None:
+                after_step(Progress(step, total_steps, epoch))
+            losses.append(loss)
+            for name, value in logged.items():
+                extras.setdefault(name, []).append(float(value))
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}", refresh=False)
         record: dict[str, Any] = {
@@ -164,6 +204,7 @@ def fit(
             "train_loss": mean_across(float(np.mean(losses)) if losses else float("nan"), context),
             "lr": lr if losses else None,
             "epoch_seconds": round(time.perf_counter() - started, 3),
+            **{name: mean_across(float(np.mean(values)), context) for name, values in sorted(extras.items())},
         }
         if on_epoch_end is not None:
             record.update(on_epoch_end(epoch))

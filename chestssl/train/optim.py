@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import math
-import re
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -19,22 +20,12 @@ def cosine_schedule(step: int, total_steps: int, warmup_steps: int, min_ratio: f
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def vit_layer_id(name: str, depth: int) -> int:
-    """Depth index of a ViT parameter for layer-wise decay: embeddings 0, block i -> i + 1, the rest depth + 1."""
-    if name.startswith(("cls_token", "pos_embed", "patch_embed")):
-        return 0
-    match = re.match(r"blocks\.(\d+)\.", name)
-    if match:
-        return int(match.group(1)) + 1
-    return depth + 1
-
-
 def param_groups(
     model: nn.Module,
     weight_decay: float,
     layer_decay: float = 1.0,
     depth: int = 0,
-    layer_of: "callable | None" = None,
+    layer_of: Callable[[str], int] | None = None,
 ) -> list[dict]:
     """AdamW groups: no weight decay for ``ndim < 2`` (biases, norms, tokens); with ``layer_decay`` < 1 the
     parameter at layer ``i`` of ``depth + 1`` gets ``lr_scale = layer_decay ** (depth + 1 - i)`` (BEiT/MAE).
@@ -43,8 +34,8 @@ def param_groups(
         model: the module whose trainable parameters are grouped.
         weight_decay: decay for matrices and kernels.
         layer_decay: per-layer factor; 1.0 switches layer-wise decay off.
-        depth: number of transformer blocks (needed when layer_decay < 1).
-        layer_of: maps a parameter name to its layer index in 0..depth+1.
+        depth: number of layer groups below the head (an encoder's ``num_layers``; needed when layer_decay < 1).
+        layer_of: maps a parameter name to its layer index in 0..depth+1 (an encoder's ``layer_id``).
     """
     groups: dict[tuple[int, bool], dict] = {}
     for name, parameter in model.named_parameters():

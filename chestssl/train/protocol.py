@@ -16,19 +16,24 @@ from pathlib import Path
 from chestssl.config import apply_overrides, from_dict, save_config, to_dict
 from chestssl.report.tables import RESULT_COLUMNS, write_report
 from chestssl.train.finetune import FinetuneConfig, finetune
-from chestssl.train.pretrain import PretrainConfig, pretrain
+from chestssl.train.loop import resume_identity
+from chestssl.train.pretrain import ENCODER_NAME, PretrainConfig, pretrain
+from chestssl.train.reuse import check_reusable
 
 log = logging.getLogger(__name__)
 
-# Each initialisation is a set of fine-tuning settings; "{encoder}" is the pretrained encoder file, and
-# "{encoder_lung}" the one pretrained with the lung-weighted loss (Dack et al.).
+# Each initialisation is a set of fine-tuning settings. "{pretrained}" is the pretrained encoder file and
+# "{pretrained_lung}" the one pretrained with the lung-weighted loss (Dack et al.). "{pretrained?}" is optional:
+# the ViT from scratch is built from the pretrained encoder's own architecture record when there is one (its
+# twin), else from the finetune section's vit settings.
 INITS = {
-    "resnet18-scratch": ("model=resnet18", "encoder=null", "mode=full", "layer_decay=1.0", "drop_path=0.0"),
-    "vit-scratch": ("model=vit", "encoder=null", "mode=full", "layer_decay=1.0"),
-    "vit-mae": ("model=vit", "encoder={encoder}", "mode=full"),
-    "vit-mae-linear": ("model=vit", "encoder={encoder}", "mode=linear"),
-    "vit-mae-lung": ("model=vit", "encoder={encoder_lung}", "mode=full"),
-    "vit-mae-lung-linear": ("model=vit", "encoder={encoder_lung}", "mode=linear"),
+    "resnet18-scratch": ("encoder=resnet", "resnet.depth=18", "pretrained=null", "architecture_of=null", "mode=full",
+                         "layer_decay=1.0", "drop_path=0.0"),
+    "vit-scratch": ("encoder=vit", "pretrained=null", "architecture_of={pretrained?}", "mode=full", "layer_decay=1.0"),
+    "vit-mae": ("pretrained={pretrained}", "architecture_of=null", "mode=full"),
+    "vit-mae-linear": ("pretrained={pretrained}", "architecture_of=null", "mode=linear"),
+    "vit-mae-lung": ("pretrained={pretrained_lung}", "architecture_of=null", "mode=full"),
+    "vit-mae-lung-linear": ("pretrained={pretrained_lung}", "architecture_of=null", "mode=linear"),
 }
 
 
@@ -37,9 +42,9 @@ class BenchmarkConfig:
     """The grid and the settings of its runs.
 
     ``finetune`` holds the settings shared by every run; ``init_overrides`` adds ``key=value`` settings per
-    initialisation (for example a higher learning rate for the ResNet); ``encoder`` skips pretraining.
-    The ``vit-mae-lung`` initialisations use a second pretraining, ``pretrain`` with ``lung_weight`` (or the
-    given ``encoder_lung``), so the two encoders differ in the loss alone.
+    initialisation (for example a higher learning rate for the ResNet); ``pretrained`` skips pretraining.
+    The ``vit-mae-lung`` initialisations use a second pretraining, ``pretrain`` with ``mae.lung_weight`` set to
+    ``lung_weight`` (or the given ``pretrained_lung``), so the two encoders differ in the loss alone.
     """
 
     run_dir: str = "runs/benchmark"
@@ -47,13 +52,14 @@ class BenchmarkConfig:
     fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
     seeds: tuple[int, ...] = (0, 1, 2)
     inits: tuple[str, ...] = ("resnet18-scratch", "vit-scratch", "vit-mae")
-    encoder: str | None = None
-    encoder_lung: str | None = None
+    pretrained: str | None = None
+    pretrained_lung: str | None = None
     lung_weight: float = 0.01
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     init_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
     fraction_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    fraction_seeds: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.inits) - set(INITS))
@@ -62,17 +68,35 @@ class BenchmarkConfig:
         unknown = sorted(set(self.init_overrides) - set(INITS))
         if unknown:
             raise ValueError(f"init_overrides names unknown initialisation(s) {unknown}; valid: {sorted(INITS)}")
-        if self.pretrain.lung_weight is not None and any("{encoder_lung}" in " ".join(INITS[i]) for i in self.inits):
-            raise ValueError(f"pretrain.lung_weight={self.pretrain.lung_weight} would make the vit-mae encoder "
+        if not self.fractions or not self.seeds or not self.inits:
+            raise ValueError("fractions, seeds and inits must each name at least one value")
+        unknown = sorted(k for k in self.fraction_seeds if float(k) not in self.fractions)
+        if unknown:
+            raise ValueError(f"fraction_seeds names fraction(s) {unknown} that are not in fractions {list(self.fractions)}")
+        bad = [f for f in self.fractions if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"fractions must be in (0, 1], got {bad}")
+        lung_weight = self.pretrain.mae.lung_weight
+        if lung_weight is not None and any("{pretrained_lung}" in " ".join(INITS[i]) for i in self.inits):
+            raise ValueError(f"pretrain.mae.lung_weight={lung_weight} would make the vit-mae encoder "
                              "lung-weighted too; leave it unset and set lung_weight for the vit-mae-lung encoder")
 
 
+def _substitute(overrides: list[str], encoders: dict[str, str]) -> list[str]:
+    out = []
+    for override in overrides:
+        for name, path in encoders.items():
+            override = override.replace("{" + name + "}", str(path)).replace("{" + name + "?}", str(path))
+        if "?}" in override:  # an optional placeholder with no encoder: leave the setting at its default
+            continue
+        out.append(override)
+    return out
+
+
 def run_config(config: BenchmarkConfig, init: str, fraction: float, seed: int, encoders: dict[str, str]) -> FinetuneConfig:
-    """The fine-tuning settings of one cell of the grid; ``encoders`` maps "encoder"/"encoder_lung" to files."""
+    """The fine-tuning settings of one cell of the grid; ``encoders`` maps "pretrained"/"pretrained_lung" to files."""
     base = to_dict(config.finetune)
-    overrides = list(INITS[init])
-    for name, path in encoders.items():
-        overrides = [o.replace("{" + name + "}", str(path)) for o in overrides]
+    overrides = _substitute(list(INITS[init]), encoders)
     overrides += list(config.init_overrides.get(init, ()))
     for key, values in config.fraction_overrides.items():
         if float(key) == float(fraction):
@@ -91,29 +115,63 @@ def _finished(results_path: Path) -> set[tuple[str, float, int]]:
         return {(row["init"], float(row["label_fraction"]), int(row["seed"])) for row in csv.DictReader(stream)}
 
 
-def benchmark(config: BenchmarkConfig) -> Path:
-    """Run the whole grid (resuming a partial one) and write ``results.csv`` and the report; returns its path."""
+def _encoders(config: BenchmarkConfig) -> tuple[dict[str, str], list[tuple[str, PretrainConfig]]]:
+    """The encoder files the grid uses, and the pretrainings still to run for them (paths known beforehand)."""
     run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
-    encoders = {}
-    for name, given, folder, lung_weight in (("encoder", config.encoder, "pretrain", config.pretrain.lung_weight),
-                                             ("encoder_lung", config.encoder_lung, "pretrain_lung", config.lung_weight)):
+    encoders, pretrainings = {}, []
+    for name, given, folder, lung_weight in (("pretrained", config.pretrained, "pretrain", config.pretrain.mae.lung_weight),
+                                             ("pretrained_lung", config.pretrained_lung, "pretrain_lung", config.lung_weight)):
+        needed = any("{" + name + "}" in " ".join(INITS[i]) for i in config.inits)
         if given is not None:
             encoders[name] = given
-        elif any("{" + name + "}" in " ".join(INITS[i]) for i in config.inits):
-            encoders[name] = str(pretrain(dataclasses.replace(
-                config.pretrain, run_dir=str(run_dir / folder), lung_weight=lung_weight,
-                data_dir=config.data_dir or config.pretrain.data_dir)))
+        elif needed:
+            pretrain_config = dataclasses.replace(
+                config.pretrain, run_dir=str(run_dir / folder), data_dir=config.data_dir or config.pretrain.data_dir,
+                mae=dataclasses.replace(config.pretrain.mae, lung_weight=lung_weight))
+            encoders[name] = str(run_dir / folder / ENCODER_NAME)
+            pretrainings.append((name, pretrain_config))
+    return encoders, pretrainings
+
+
+def seeds_of(config: BenchmarkConfig, fraction: float) -> tuple[int, ...]:
+    """The seeds run at ``fraction``: ``fraction_seeds`` where it names the fraction (more seeds where runs are
+    cheap and noisy, such as 1% of the labels), else ``seeds``."""
+    for key, seeds in config.fraction_seeds.items():
+        if float(key) == float(fraction):
+            return tuple(seeds)
+    return tuple(config.seeds)
+
+
+def grid_cells(config: BenchmarkConfig) -> list[tuple[str, float, int]]:
+    """(init, fraction, seed) in run order: seed by seed, so a stopped benchmark has whole seeds to report."""
+    seeds = sorted({s for f in config.fractions for s in seeds_of(config, f)})
+    return [(i, f, s) for s in seeds for f in config.fractions if s in seeds_of(config, f) for i in config.inits]
+
+
+def benchmark(config: BenchmarkConfig) -> Path:
+    """Run the whole grid (resuming a partial one) and write ``results.csv`` and the report; returns its path.
+
+    A cell already in ``results.csv`` is reused only if its run was made with the settings asked for now; a
+    changed setting stops the benchmark, naming it, before anything is written.
+    """
+    run_dir = Path(config.run_dir)
     results_path = run_dir / "results.csv"
+    encoders, pretrainings = _encoders(config)
+    cells = grid_cells(config)
     done = _finished(results_path)
-    # seed by seed, so a stopped benchmark has whole seeds to report
-    cells = [(i, f, s) for s in config.seeds for f in config.fractions for i in config.inits]
-    for number, (init, fraction, seed) in enumerate(cells, start=1):
+    for init, fraction, seed in cells:
         if (init, float(fraction), seed) in done:
-            continue
+            cell = run_config(config, init, fraction, seed, encoders)
+            check_reusable(Path(cell.run_dir), resume_identity(cell), cell.overwrite)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    for name, pretrain_config in pretrainings:
+        encoders[name] = str(pretrain(pretrain_config))
+    for number, (init, fraction, seed) in enumerate(cells, start=1):
         log.info("benchmark run %d/%d: %s, %g of the labels, seed %d", number, len(cells), init, fraction, seed)
         result = finetune(run_config(config, init, fraction, seed, encoders))
+        if (init, float(fraction), seed) in done:
+            continue
         row = {"init": init, **{key: result.get(key) for key in RESULT_COLUMNS if key != "init"}}
         new_file = not results_path.exists()
         with results_path.open("a", newline="") as stream:

@@ -2,12 +2,11 @@ import pytest
 import torch
 
 from chestssl.methods.masking import random_mask
-from chestssl.models.resnet import resnet18
 from chestssl.models.vit import ViT, ViTConfig
 
 
 def tiny(spatial_dims: int, image_size: int = 16) -> ViT:
-    return ViT(ViTConfig(spatial_dims=spatial_dims, image_size=image_size, patch_size=4, hidden_size=32, depth=2, num_heads=2))
+    return ViT(ViTConfig(patch_size=4, hidden_size=32, depth=2, num_heads=2), spatial_dims=spatial_dims, image_size=image_size)
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
@@ -23,7 +22,7 @@ def test_encoder_sees_only_visible_tokens(spatial_dims):
     model = tiny(spatial_dims)
     seen = []
     model.blocks[0].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape))
-    mask = random_mask(2, model.num_tokens, 0.75, torch.Generator().manual_seed(0))
+    mask = random_mask(2, model.grid, 0.75, torch.Generator().manual_seed(0))
     out = model.forward_features(torch.randn(2, 1, *([16] * spatial_dims)), visible=~mask)
     visible = model.num_tokens // 4
     assert seen == [torch.Size([2, 1 + visible, 32])]
@@ -39,16 +38,22 @@ def test_visible_forward_matches_full_forward_on_kept_tokens_when_nothing_is_hid
 
 def test_bad_sizes_are_value_errors():
     with pytest.raises(ValueError, match="spatial_dims"):
-        ViT(ViTConfig(spatial_dims=4))
+        ViT(ViTConfig(), spatial_dims=4)
     with pytest.raises(ValueError, match="not divisible by patch size"):
-        ViT(ViTConfig(image_size=30, patch_size=4))
-    with pytest.raises(ValueError, match="not divisible by num_heads"):
-        ViT(ViTConfig(hidden_size=30, num_heads=4))
+        ViT(ViTConfig(patch_size=4), image_size=30)
+    with pytest.raises(ValueError, match="not divisible by vit.num_heads"):
+        ViTConfig(hidden_size=30, num_heads=4)
     with pytest.raises(ValueError, match="expects inputs of shape"):
         tiny(2)(torch.zeros(1, 1, 32, 32))
 
 
+
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_resnet18_features(spatial_dims):
-    model = resnet18(spatial_dims=spatial_dims)
-    assert model(torch.randn(2, 1, *([16] * spatial_dims))).shape == (2, 512)
+def test_hidden_states_tap_the_chosen_blocks(spatial_dims):
+    model = tiny(spatial_dims).eval()
+    x = torch.randn(2, 1, *([16] * spatial_dims))
+    first, last = model.hidden_states(x, blocks=(1,))
+    assert first.shape == last.shape == (2, 1 + model.num_tokens, 32)
+    assert torch.allclose(last, model.forward_features(x))
+    with pytest.raises(ValueError, match="outside 1..2"):
+        model.hidden_states(x, blocks=(3,))

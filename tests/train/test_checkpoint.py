@@ -15,11 +15,15 @@ from chestssl.train.checkpoint import (
     save_encoder,
     save_training_state,
 )
-from chestssl.data.batches import Normalisation, xray_preprocessing
-from chestssl.train.finetune import FinetuneConfig, build_encoder
-from chestssl.train.inputs import Labelled, Split
+from chestssl.data.batch import Normalisation, xray_preprocessing
+from chestssl.data.datasets import Labelled, Split
+from chestssl.train.finetune import FinetuneConfig, build_run_encoder
 
-SMALL = ViTConfig(image_size=16, patch_size=4, hidden_size=32, depth=1, num_heads=2)
+SMALL = ViTConfig(patch_size=4, hidden_size=32, depth=1, num_heads=2)
+
+
+def small(config: ViTConfig = SMALL) -> ViT:
+    return ViT(config, image_size=16)
 PREPROCESSING = xray_preprocessing(16, Normalisation())
 
 
@@ -29,12 +33,12 @@ def xray_data(image_size: int, std: float = 0.25) -> Labelled:
 
 
 def test_training_state_round_trip(tmp_path):
-    model = ViT(SMALL)
+    model = small()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(2, 1, 16, 16)).sum().backward()
     optimizer.step()
     save_training_state(tmp_path / "c.safetensors", model, optimizer, {"epoch": 3}, {"arch": "a"})
-    restored = ViT(SMALL)
+    restored = small()
     restored_optimizer = torch.optim.AdamW(restored.parameters(), lr=1e-3)
     progress = load_training_state(tmp_path / "c.safetensors", restored, restored_optimizer, {"arch": "a"})
     assert progress == {"epoch": 3}
@@ -42,12 +46,12 @@ def test_training_state_round_trip(tmp_path):
         assert torch.equal(a, b)
     state = restored_optimizer.state_dict()["state"][0]
     assert torch.equal(state["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
-    with pytest.raises(CheckpointError, match="another architecture or config"):
+    with pytest.raises(CheckpointError, match="other settings.*arch"):
         load_training_state(tmp_path / "c.safetensors", restored, restored_optimizer, {"arch": "b"})
 
 
 def test_checkpoint_files_are_safetensors_not_pickle(tmp_path):
-    save_encoder(tmp_path / "e.safetensors", ViT(SMALL), {"name": "vit", **SMALL.to_dict()}, PREPROCESSING)
+    save_encoder(tmp_path / "e.safetensors", small(), PREPROCESSING)
     header_length = int.from_bytes((tmp_path / "e.safetensors").read_bytes()[:8], "little")
     header = json.loads((tmp_path / "e.safetensors").read_bytes()[8 : 8 + header_length])
     assert "__metadata__" in header and "pos_embed" not in header  # fixed buffers are not weights
@@ -56,7 +60,7 @@ def test_checkpoint_files_are_safetensors_not_pickle(tmp_path):
 
 def test_corrupted_checkpoint_is_a_clear_error(tmp_path):
     path = tmp_path / "e.safetensors"
-    save_encoder(path, ViT(SMALL), {"name": "vit", **SMALL.to_dict()}, PREPROCESSING)
+    save_encoder(path, small(), PREPROCESSING)
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="corrupt"):
         read_encoder(path)
@@ -67,24 +71,43 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path):
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     path = tmp_path / "e.safetensors"
-    save_encoder(path, ViT(SMALL), {"name": "vit", **SMALL.to_dict()}, PREPROCESSING)
+    save_encoder(path, small(), PREPROCESSING)
     tensors, _ = read_encoder(path)
-    other = ViT(ViTConfig(image_size=16, patch_size=4, hidden_size=48, depth=1, num_heads=2))
+    other = small(ViTConfig(patch_size=4, hidden_size=48, depth=1, num_heads=2))
     with pytest.raises(CheckpointError, match="shape mismatch"):
         load_weights(other, tensors, str(path))
-    deeper = ViT(ViTConfig(image_size=16, patch_size=4, hidden_size=32, depth=2, num_heads=2))
+    deeper = small(ViTConfig(patch_size=4, hidden_size=32, depth=2, num_heads=2))
     with pytest.raises(CheckpointError, match="missing"):
         load_weights(deeper, tensors, str(path))
 
 
 def test_finetuning_refuses_an_encoder_with_other_preprocessing(tmp_path):
     path = tmp_path / "e.safetensors"
-    save_encoder(path, ViT(SMALL), {"name": "vit", **SMALL.to_dict()}, PREPROCESSING)
-    encoder, depth, source = build_encoder(FinetuneConfig(image_size=16, encoder=str(path)), xray_data(16))
-    assert depth == 1 and source.endswith("e.safetensors")
+    save_encoder(path, small(), PREPROCESSING)
+    encoder, source = build_run_encoder(FinetuneConfig(image_size=16, pretrained=str(path)), xray_data(16))
+    assert encoder.config.depth == 1 and source.endswith("e.safetensors")
     with pytest.raises(CheckpointError, match="image_size: encoder 16 vs data 28"):
-        build_encoder(FinetuneConfig(image_size=28, encoder=str(path)), xray_data(28))
+        build_run_encoder(FinetuneConfig(image_size=28, pretrained=str(path)), xray_data(28))
     with pytest.raises(CheckpointError, match="normalisation"):
-        build_encoder(FinetuneConfig(image_size=16, encoder=str(path)), xray_data(16, std=0.5))
+        build_run_encoder(FinetuneConfig(image_size=16, pretrained=str(path)), xray_data(16, std=0.5))
     with pytest.raises(CheckpointError, match="normalisation"):
         check_preprocessing(path, PREPROCESSING, xray_preprocessing(16, Normalisation(0.5, 0.5)))
+
+
+def test_the_twin_is_built_from_the_pretrained_architecture(tmp_path):
+    path = tmp_path / "e.safetensors"
+    save_encoder(path, small(ViTConfig(patch_size=8, hidden_size=24, depth=3, num_heads=3)), PREPROCESSING)
+    twin, source = build_run_encoder(FinetuneConfig(image_size=16, architecture_of=str(path)), xray_data(16))
+    pretrained, _ = build_run_encoder(FinetuneConfig(image_size=16, pretrained=str(path)), xray_data(16))
+    assert source == "scratch" and twin.config == pretrained.config  # declared once, in the encoder file
+    assert not torch.equal(twin.blocks[0].qkv.weight, pretrained.blocks[0].qkv.weight)
+
+
+def test_stale_temporary_files_of_a_killed_write_are_removed(tmp_path):
+    from chestssl.train.checkpoint import remove_stale_temporaries
+
+    (tmp_path / ".checkpoint.safetensors.abc123.tmp").write_bytes(b"")
+    (tmp_path / ".checkpoint.safetensors.def456.tmp").write_bytes(b"x" * 1000)
+    (tmp_path / "checkpoint.safetensors").write_bytes(b"kept")
+    assert len(remove_stale_temporaries(tmp_path)) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.safetensors"]

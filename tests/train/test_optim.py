@@ -1,7 +1,8 @@
 import pytest
 
 from chestssl.models.vit import ViT, ViTConfig
-from chestssl.train.optim import cosine_schedule, param_groups, vit_layer_id
+from chestssl.models.resnet import ResNet, ResNetConfig
+from chestssl.train.optim import cosine_schedule, param_groups
 
 
 def test_cosine_schedule_numbers():
@@ -14,7 +15,7 @@ def test_cosine_schedule_numbers():
 
 def test_no_weight_decay_for_vectors_and_layer_decay_scales():
     model = ViT(ViTConfig(hidden_size=32, depth=2, num_heads=2))
-    groups = param_groups(model, 0.05, layer_decay=0.5, depth=2, layer_of=lambda n: vit_layer_id(n, 2))
+    groups = param_groups(model, 0.05, layer_decay=0.5, depth=model.num_layers, layer_of=model.layer_id)
     for group in groups:
         for parameter in group["params"]:
             assert (group["weight_decay"] == 0.0) == (parameter.ndim < 2 or parameter is model.cls_token)
@@ -24,3 +25,9 @@ def test_no_weight_decay_for_vectors_and_layer_decay_scales():
     assert scales[id(model.blocks[1].qkv.weight)] == pytest.approx(0.5)
     assert scales[id(model.norm.weight)] == pytest.approx(1.0)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_resnet_layer_groups_are_its_stem_and_stages():
+    model = ResNet(ResNetConfig(widths=(4, 8, 8, 8)))
+    assert model.num_layers == 4
+    assert model.layer_id("stem.0.weight") == 0 and model.layer_id("stages.2.0.conv1.weight") == 3

@@ -15,17 +15,21 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_each_init_gets_its_encoder_and_its_overrides():
     config = load_config(BenchmarkConfig, REPO / "configs/lidc32.yaml")
-    encoders = {"encoder": "plain.safetensors", "encoder_lung": "lung.safetensors"}
-    assert run_config(config, "vit-mae", 1.0, 0, encoders).encoder == "plain.safetensors"
-    assert run_config(config, "vit-mae-lung", 1.0, 0, encoders).encoder == "lung.safetensors"
+    encoders = {"pretrained": "plain.safetensors", "pretrained_lung": "lung.safetensors"}
+    assert run_config(config, "vit-mae", 1.0, 0, encoders).pretrained == "plain.safetensors"
+    assert run_config(config, "vit-mae-lung", 1.0, 0, encoders).pretrained == "lung.safetensors"
+    twin = run_config(config, "vit-scratch", 1.0, 0, encoders)
+    assert twin.pretrained is None and twin.architecture_of == "plain.safetensors"  # the pretrained ViT's twin
+    assert run_config(config, "vit-scratch", 1.0, 0, {}).architecture_of is None  # no encoder: the vit section
     scratch = run_config(config, "resnet18-scratch", 0.01, 2, encoders)
-    assert scratch.encoder is None and scratch.model == "resnet18" and scratch.weight_decay == 1e-4
+    assert scratch.pretrained is None and scratch.encoder == "resnet" and scratch.resnet.depth == 18
+    assert scratch.weight_decay == 1e-4 and not scratch.resnet.small_input
     assert scratch.selection == "fixed" and scratch.seed == 2 and scratch.run_dir.endswith("resnet18-scratch_f0.01_s2")
 
 
 def test_a_lung_weighted_vit_mae_encoder_is_refused():
     with pytest.raises(ConfigError, match="lung_weight"):
-        load_config(BenchmarkConfig, REPO / "configs/lidc32.yaml", ["pretrain.lung_weight=0.5"])
+        load_config(BenchmarkConfig, REPO / "configs/lidc32.yaml", ["pretrain.mae.lung_weight=0.5"])
 
 
 def test_two_pretrainings_differ_only_in_the_loss(tmp_path, monkeypatch):
@@ -37,7 +41,7 @@ def test_two_pretrainings_differ_only_in_the_loss(tmp_path, monkeypatch):
 
     def fake_finetune(config):
         finetuned.append(config)
-        return {"label_fraction": config.label_fraction, "seed": config.seed, "n_train": 1,
+        return {"encoder": config.encoder, "label_fraction": config.label_fraction, "seed": config.seed, "n_train": 1,
                 "selection": config.selection, **dict.fromkeys(["test_auc", "test_acc", "test_balanced_accuracy",
                                                                 "test_f1_weighted"], 0.5)}
 
@@ -47,8 +51,17 @@ def test_two_pretrainings_differ_only_in_the_loss(tmp_path, monkeypatch):
                          [f"run_dir={tmp_path}", "seeds=[0]", "fractions=[1.0]"])
     protocol.benchmark(config)
     plain, lung = pretrained
-    assert plain.lung_weight is None and lung.lung_weight == 0.01
-    assert dataclasses.replace(lung, lung_weight=None, run_dir=plain.run_dir) == plain
-    assert {c.encoder for c in finetuned} == {None, str(Path(plain.run_dir) / "encoder.safetensors"),
-                                              str(Path(lung.run_dir) / "encoder.safetensors")}
+    assert plain.mae.lung_weight is None and lung.mae.lung_weight == 0.01
+    assert dataclasses.replace(lung, mae=plain.mae, run_dir=plain.run_dir) == plain
+    assert {c.pretrained for c in finetuned} == {None, str(Path(plain.run_dir) / "encoder.safetensors"),
+                                                 str(Path(lung.run_dir) / "encoder.safetensors")}
     assert (tmp_path / "results.csv").read_text().count("\n") == 1 + len(config.inits)
+
+
+def test_more_seeds_where_runs_are_cheap():
+    config = load_config(BenchmarkConfig, None, ["fractions=[0.01, 1.0]", "seeds=[0, 1]", "inits=[vit-scratch]",
+                                                 "fraction_seeds={0.01: [0, 1, 2, 3]}"])
+    cells = protocol.grid_cells(config)
+    assert [(f, s) for _, f, s in cells] == [(0.01, 0), (1.0, 0), (0.01, 1), (1.0, 1), (0.01, 2), (0.01, 3)]
+    with pytest.raises(ConfigError, match="fraction_seeds"):
+        load_config(BenchmarkConfig, None, ["fraction_seeds={0.5: [0]}"])

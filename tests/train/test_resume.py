@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from chestssl.data.augment import AugmentConfig
-from chestssl.data.batches import Batches, Normalisation
-from chestssl.methods.mae import MAE
+from chestssl.data.batch import Batches, Normalisation
+from chestssl.data.views import ViewConfig
+from chestssl.methods.mae import MAE, MAEConfig
 from chestssl.models.vit import ViT, ViTConfig
 from chestssl.train.distributed import Context
 from chestssl.train.loop import Schedule, fit
@@ -22,10 +22,10 @@ class Interrupted(Exception):
 def run(run_dir: Path, stop_after_epoch: int | None = None) -> dict:
     torch.manual_seed(0)
     images = np.random.default_rng(0).integers(0, 255, size=(40, 1, 16, 16), dtype=np.uint8)
-    encoder = ViT(ViTConfig(image_size=16, patch_size=4, hidden_size=32, depth=1, num_heads=2), drop_path=0.1)
-    model = (MAE(encoder, 32, 1, 2))
+    encoder = ViT(ViTConfig(patch_size=4, hidden_size=32, depth=1, num_heads=2), image_size=16, drop_path=0.1)
+    model = MAE(encoder, MAEConfig(32, 1, 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    batches = Batches(images, None, 16, Normalisation(), AugmentConfig(), shuffle=True, drop_last=True)
+    batches = Batches(images, None, 16, Normalisation(), (ViewConfig(),), shuffle=True, drop_last=True)
     schedule = Schedule(epochs=4, steps_per_epoch=len(batches), lr=1e-3, warmup_epochs=1)
 
     def on_epoch_end(epoch):

@@ -3,8 +3,13 @@
 Headers are read first and grouped by SeriesInstanceUID; one series is chosen by rule (or as asked), then its
 slices are read, ordered by ImagePositionPatient projected on the slice normal, checked for a consistent geometry
 and stacked, with RescaleSlope/RescaleIntercept applied. The image this returns is not yet in the canonical
-orientation: :func:`chestssl.data.ct.io.read_ct` reorients it. Nothing that identifies the patient is logged or
-kept: series are named by a short hash of their SeriesInstanceUID.
+orientation: :func:`chestssl.data.ct.io.read_ct` reorients it. :func:`scan_dicom_files` groups any set of files into
+series (what ``prepare-ct`` uses to make every series of a tree its own input).
+
+Nothing that identifies the patient is logged or kept: a series is described by a short hash of its
+SeriesInstanceUID, its modality, slice count and geometry only, never by a free-text header (SeriesDescription,
+StudyDescription, ProtocolName, PatientName, PatientID, InstitutionName, ...). A DICOMDIR (the index of a CD or
+PACS export) is not an image and is skipped; the images it lists are found by scanning the tree.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 GAP_FACTOR = 1.5  # a step between slices above 1.5x the median step means a missing slice
 SPACING_TOLERANCE = 0.05  # steps may differ from the median by 5% (rounded positions)
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # the SOP class of a DICOMDIR
 
 
 @dataclass(frozen=True)
@@ -36,17 +42,32 @@ class SeriesInfo:
         uid_hash: short hash of the SeriesInstanceUID; pass it as ``read_ct(..., series_uid=)``.
         modality: DICOM Modality ("CT", "MR", ...), "unknown" when absent.
         n_slices: number of image files in the series.
-        description: SeriesDescription ("" when absent).
         orientation: "axial", "coronal", "sagittal", "oblique" or "unknown", from the slice normal.
         localizer: ImageType says LOCALIZER, or the series has only 1-2 slices.
+        matrix: (Rows, Columns) of its first slice.
     """
 
     uid_hash: str
     modality: str
     n_slices: int
-    description: str
     orientation: str
     localizer: bool
+    matrix: tuple[int, int] = (0, 0)
+
+    def describe(self) -> str:
+        """``"<uid_hash> CT axial 64 slices of 512x512"``: what logs and error messages say about a series."""
+        kind = " localizer" if self.localizer else ""
+        return (f"{self.uid_hash} {self.modality} {self.orientation}{kind} {self.n_slices} slice(s) of "
+                f"{self.matrix[0]}x{self.matrix[1]}")
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """One series found by :func:`scan_dicom_files`: its description and its files (sorted by path)."""
+
+    info: SeriesInfo
+    key: str  # the SeriesInstanceUID, or a hashed stand-in where a header has none
+    files: tuple[Path, ...]
 
 
 def list_series(folder: str | Path) -> list[SeriesInfo]:
@@ -54,14 +75,46 @@ def list_series(folder: str | Path) -> list[SeriesInfo]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder")
-    return [series.info for series in _scan_series(folder, on_error="skip")]
+    series, broken = scan_dicom_files(_candidate_files(folder))
+    for path, problem in broken:
+        logger.warning("skipping %s: %s", path, problem)
+    return [s.info for s in series]
 
 
-@dataclass(frozen=True)
-class _Series:
-    info: SeriesInfo
-    key: str  # the SeriesInstanceUID, or a stand-in where a header has none
-    files: list[Path]
+def scan_dicom_files(files: list[Path]) -> tuple[list[DicomSeries], list[tuple[Path, str]]]:
+    """Group ``files`` into DICOM image series by their headers.
+
+    Files that are not DICOM (no DICM preamble and no DICOM suffix) and DICOM files that are not images
+    (a DICOMDIR, a structured report) are left out silently.
+
+    Returns:
+        The series, most slices first, and ``(path, problem)`` for each file that should be DICOM but whose
+        header cannot be read (damaged, truncated, a non-DICOM file named ``.dcm``).
+    """
+    groups: dict[str, list[tuple[Path, Dataset]]] = {}
+    broken = []
+    for path in sorted(files):
+        try:
+            header = _read_header(path)
+        except DataError as error:
+            broken.append((path, str(error)))
+            continue
+        if header is not None:
+            groups.setdefault(_series_key(header, path), []).append((path, header))
+    series = []
+    for key, members in groups.items():
+        first = members[0][1]
+        modality = str(first.get("Modality", "")).strip().upper()
+        if not modality:  # a stripped header: the storage class still says what it is
+            sop_class = getattr(first.get("SOPClassUID"), "name", "")
+            modality = "CT" if sop_class.startswith("CT ") else "unknown"
+        localizer = len(members) <= 2 or any(
+            "LOCALIZER" in [str(v).upper() for v in h.get("ImageType", [])] for _, h in members
+        )
+        matrix = (int(first.get("Rows", 0) or 0), int(first.get("Columns", 0) or 0))
+        info = SeriesInfo(short_hash(key), modality, len(members), _orientation(first), localizer, matrix)
+        series.append(DicomSeries(info, key, tuple(p for p, _ in members)))
+    return sorted(series, key=lambda s: (-s.info.n_slices, s.info.uid_hash)), broken
 
 
 def _fail(path: Path, problem: str, on_error: str) -> None:
@@ -71,21 +124,34 @@ def _fail(path: Path, problem: str, on_error: str) -> None:
     logger.warning("skipping %s: %s", path, problem)
 
 
-def _read_header(path: Path, on_error: str) -> Dataset | None:
-    """The DICOM header of an image file, None for a file that is not DICOM (or skipped)."""
+def _candidate_files(folder: Path) -> list[Path]:
+    """Files under ``folder`` that may be DICOM: not hidden, not an image file or annotation of another format."""
+    return [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
+            and not p.name.lower().endswith(IMAGE_SUFFIXES + NOT_DICOM_SUFFIXES)]
+
+
+def _read_header(path: Path) -> Dataset | None:
+    """The DICOM header of an image file; None for a file that is not DICOM or not an image.
+
+    Raises:
+        DataError: a file named like DICOM that is not, or a damaged or truncated header (message without the path).
+    """
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
         if path.suffix.lower() in DICOM_SUFFIXES:
-            return _fail(path, "not a valid DICOM file (no DICM preamble)", on_error)
+            raise DataError("not a valid DICOM file (no DICM preamble)") from None
         logger.debug("%s: not DICOM, ignored", path)
         return None
     except Exception as error:  # pydicom raises many types on a damaged header
-        return _fail(path, f"unreadable DICOM header ({type(error).__name__}: {error})", on_error)
+        raise DataError(f"unreadable DICOM header ({type(error).__name__}: {error})") from error
     sop_class = header.get("SOPClassUID") or header.file_meta.get("MediaStorageSOPClassUID")
+    if sop_class == MEDIA_STORAGE_DIRECTORY:
+        logger.debug("%s: a DICOMDIR (an index of the files), skipped", path)
+        return None
     is_image = sop_class is not None and "Image Storage" in getattr(sop_class, "name", "")
     if is_image and ("Rows" not in header or "Columns" not in header):
-        return _fail(path, "truncated or incomplete DICOM header (no Rows/Columns)", on_error)
+        raise DataError("truncated or incomplete DICOM header (no Rows/Columns)")
     return header if is_image or "Rows" in header else None
 
 
@@ -93,9 +159,10 @@ def _series_key(header: Dataset, path: Path) -> str:
     uid = str(header.get("SeriesInstanceUID", "")).strip()
     if uid:
         return uid
-    # No SeriesInstanceUID (some anonymisers drop it): group by what else a series shares.
+    # No SeriesInstanceUID (some anonymisers drop it): group by what else a series shares, hashed so that the
+    # SeriesDescription among them is never kept in clear.
     fields = ("FrameOfReferenceUID", "SeriesNumber", "SeriesDescription", "Modality", "Rows", "Columns")
-    return "no-uid:" + str(path.parent.resolve()) + "|" + "|".join(str(header.get(f, "")) for f in fields)
+    return "no-uid:" + short_hash(str(path.parent.resolve()) + "|" + "|".join(str(header.get(f, "")) for f in fields))
 
 
 def _orientation(header: Dataset) -> str:
@@ -109,37 +176,19 @@ def _orientation(header: Dataset) -> str:
     return ("sagittal", "coronal", "axial")[int(np.argmax(normal))]
 
 
-def _scan_series(folder: Path, on_error: str) -> list[_Series]:
-    """Every series under ``folder``, most slices first."""
-    groups: dict[str, list[tuple[Path, Dataset]]] = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        if path.name.lower().endswith(IMAGE_SUFFIXES + NOT_DICOM_SUFFIXES):
-            continue
-        header = _read_header(path, on_error)
-        if header is not None:
-            groups.setdefault(_series_key(header, path), []).append((path, header))
-    series = []
-    for key, members in groups.items():
-        first = members[0][1]
-        modality = str(first.get("Modality", "")).strip().upper()
-        if not modality:  # a stripped header: the storage class still says what it is
-            sop_class = getattr(first.get("SOPClassUID"), "name", "")
-            modality = "CT" if sop_class.startswith("CT ") else "unknown"
-        localizer = len(members) <= 2 or any(
-            "LOCALIZER" in [str(v).upper() for v in h.get("ImageType", [])] for _, h in members
-        )
-        description = str(first.get("SeriesDescription", ""))
-        info = SeriesInfo(short_hash(key), modality, len(members), description, _orientation(first), localizer)
-        series.append(_Series(info, key, [p for p, _ in members]))
-    return sorted(series, key=lambda s: (-s.info.n_slices, s.info.uid_hash))
+def _scan_series(folder: Path, on_error: str, files: list[Path] | None = None) -> list[DicomSeries]:
+    """Every series under ``folder`` (or among ``files``), most slices first; a broken file raises or is skipped."""
+    series, broken = scan_dicom_files(_candidate_files(folder) if files is None else list(files))
+    for path, problem in broken:
+        _fail(path, problem, on_error)
+    return series
 
 
-def _choose_series(folder: Path, series: list[_Series], series_uid: str | None) -> _Series:
+def _choose_series(folder: Path, series: list[DicomSeries], series_uid: str | None) -> DicomSeries:
     """The series asked for, or by rule the axial, non-localizer CT series with the most slices."""
     if not series:
         raise DataError(f"{folder}: no DICOM image files found")
-    found = "; ".join(f"{i.uid_hash} {i.modality} {i.orientation} {i.n_slices} slices '{i.description}'"
-                      for i in (s.info for s in series))
+    found = "; ".join(s.info.describe() for s in series)
     if series_uid is not None:
         matches = [s for s in series if series_uid in (s.key, s.info.uid_hash)]
         if not matches:
@@ -158,17 +207,20 @@ def _choose_series(folder: Path, series: list[_Series], series_uid: str | None) 
     info = chosen.info
     if info.modality != "CT":
         raise DataError(f"{folder}: series {info.uid_hash} is {info.modality}, not CT; chestssl reads CT only")
-    logger.info("%s: reading series %s (%s, %d slices, '%s'): %s", folder, info.uid_hash, info.modality,
-                info.n_slices, info.description, why)
+    logger.info("%s: reading series %s: %s", folder, info.describe(), why)
     if len(series) > 1:
         logger.info("%s: all series: %s", folder, found)
     return chosen
 
 
 def read_dicom_folder(folder: Path, series_uid: str | None, allow_gaps: bool,
-                      on_error: str) -> tuple[sitk.Image, str]:
-    """Choose a series under ``folder``, read and check its slices, return (image, source_id)."""
-    chosen = _choose_series(folder, _scan_series(folder, on_error), series_uid)
+                      on_error: str, files: list[Path] | None = None) -> tuple[sitk.Image, str]:
+    """Choose a series under ``folder`` (among ``files`` when given), read and check its slices.
+
+    Returns:
+        (image, source_id): the stacked series and the short hash of its SeriesInstanceUID.
+    """
+    chosen = _choose_series(folder, _scan_series(folder, on_error, files), series_uid)
     where = f"{folder} (series {chosen.info.uid_hash})"
     slices = []  # (path, orientation cosines, pixel spacing, position, pixels in HU)
     for path in chosen.files:

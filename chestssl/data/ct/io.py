@@ -9,12 +9,13 @@ the patient's right on the left of the image).
 DICOM folders are read by :mod:`chestssl.data.ct.dicom_series` (one series chosen by rule, slices
 ordered along the slice normal, rescale applied); image files by nibabel (NIfTI) or SimpleITK.
 Nothing that identifies the patient is logged or kept: a volume is named by a short hash of its
-SeriesInstanceUID or of its file path.
+SeriesInstanceUID or of its file path, and no free-text header (SeriesDescription, PatientName, ...) is read out.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def read_ct(
     *,
     allow_gaps: bool = False,
     on_error: str = "raise",
+    files: Sequence[Path] | None = None,
 ) -> CTVolume:
     """Read a CT volume from a DICOM folder tree or a NIfTI/NRRD/MHA/MHD file.
 
@@ -78,6 +80,8 @@ def read_ct(
             onto a regular grid (with a warning) instead of refusing the series.
         on_error: "raise" (default) refuses a DICOM folder with an unreadable file; "skip" leaves
             such files out when the rest still make a consistent series.
+        files: for a DICOM folder, read only these files instead of scanning the folder (what
+            ``prepare-ct`` passes for a series it found, so that a large tree is not scanned once per series).
 
     Returns:
         The volume in the canonical orientation.
@@ -92,7 +96,8 @@ def read_ct(
     if series_uid is not None and not path.is_dir():
         raise ValueError(f"{path}: series_uid only applies to a DICOM folder")
     if path.is_dir():
-        image, source_id = read_dicom_folder(path, series_uid, allow_gaps, on_error)
+        image, source_id = read_dicom_folder(path, series_uid, allow_gaps, on_error,
+                                             None if files is None else list(files))
     elif not path.exists():
         raise DataError(f"{path}: no such file or folder")
     elif path.name.lower().endswith((".nii", ".nii.gz")):  # nibabel: SimpleITK silently turns NaN into 0

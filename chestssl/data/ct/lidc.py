@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 from collections import Counter
@@ -22,7 +23,8 @@ from chestssl.data.ct.io import read_ct
 from chestssl.data.ct.patches import ct_patches
 from chestssl.data.ct.nodule_cube import nodule_cube
 from chestssl.data.splits import patient_split
-from chestssl.data.ct.cache import PREPROCESSING, read_manifest, save_volume, write_manifest
+from chestssl.data.ct.cache import (PREPROCESSING, atomic_write_text, cache_lock, read_manifest, save_volume,
+                                    write_manifest)
 from chestssl.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -107,8 +109,20 @@ def build_lidc_nodules(
 
     Returns:
         The manifest path.
+
+    Raises:
+        CacheBusyError: another process is writing to ``cache_dir`` (its write lock is held while building).
     """
     data_dir, cache_dir = lidc_folder(data_dir), Path(cache_dir)
+    with cache_lock(cache_dir):
+        return _build_locked(data_dir, cache_dir, size, spacing_mm, hu_low, hu_high, split_seed, split_fractions,
+                             workers, limit)
+
+
+def _build_locked(data_dir: Path, cache_dir: Path, size: int, spacing_mm: float, hu_low: float, hu_high: float,
+                  split_seed: int, split_fractions: tuple[float, float, float], workers: int,
+                  limit: int | None) -> Path:
+    """:func:`build_lidc_nodules` once the cache's write lock is held."""
     index = read_index(data_dir)
     splits = lidc_splits(index, split_seed, split_fractions)
     settings = {"size": int(size), "spacing_mm": float(spacing_mm), "hu_low": float(hu_low), "hu_high": float(hu_high)}
@@ -190,8 +204,7 @@ def _check_settings(cache_dir: Path, settings: dict) -> None:
         if made_with != settings:
             raise DataError(f"{cache_dir} holds volumes made with {made_with}, not {settings}; use another cache_dir")
     else:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings))
+        atomic_write_text(path, json.dumps(settings))
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -202,12 +215,11 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def _write_csv(path: Path, rows: list[dict[str, str]], columns: list[str]) -> None:
-    temporary = path.with_suffix(".csv.tmp")
-    with temporary.open("w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    temporary.replace(path)
+    stream = io.StringIO()
+    writer = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, stream.getvalue())
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ Shapes: ``S`` the crop side; ``D, H, W`` a resampled CT's; every array is (z, y,
 of :func:`~chestssl.data.ct.io.read_ct`. The crops are made exactly like the cache's own volumes: the cache's
 ``preprocessing.json`` (usually the LIDC nodule cubes of :mod:`chestssl.data.ct.lidc`) gives the voxel size, the cube
 side and the HU window, so pretraining sees one scale and one intensity scale, and the cache keeps one record.
+Only chest CTs in HU give crops (the checks of :mod:`chestssl.data.ct.chest_checks`, as in ``prepare-ct``), and
+the cache's write lock (:func:`~chestssl.data.ct.cache.cache_lock`) is held while they are written.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from chestssl.data.ct.chest_checks import check_hu, check_lungs
 from chestssl.data.ct.ops import resample, window_hu
 from chestssl.data.ct.files import short_hash
 from chestssl.data.ct.inputs import discover_inputs
 from chestssl.data.ct.io import read_ct
 from chestssl.data.ct.preprocess import LUNG_MASK_SPACING_MM, PrepareCTConfig, anti_alias
 from chestssl.data.ct.lung_mask import lung_mask
-from chestssl.data.ct.cache import PREPROCESSING, read_manifest, save_volume, write_manifest
+from chestssl.data.ct.cache import PREPROCESSING, cache_lock, read_manifest, save_volume, write_manifest
 from chestssl.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -35,7 +38,8 @@ def ct_patches(inputs: Sequence[str | Path], cache_dir: str | Path, per_volume: 
     by :func:`~chestssl.data.ct.lung_mask.lung_mask`, and ``S``^3 crops drawn among all those at least
     ``min_lung_fraction`` lung, then windowed like the cache. Ids are short hashes of the path, the seed and the
     crop number (nothing from a header); the draw depends only on ``seed`` and the path, so a re-run skips CTs
-    whose crops are recorded. A CT that cannot be read or has too little lung is a ``failed`` row with its reason.
+    whose crops are recorded. A CT that cannot be read, is not in HU, whose lung mask is not lungs or holds no crop
+    of enough lung is a ``failed`` row with its reason.
 
     Args:
         inputs: CT files or folders, as for ``prepare-ct`` (DICOM series, NIfTI, NRRD, MHA).
@@ -47,11 +51,23 @@ def ct_patches(inputs: Sequence[str | Path], cache_dir: str | Path, per_volume: 
 
     Returns:
         The manifest path of ``cache_dir``.
+
+    Raises:
+        CacheBusyError: another process is writing to ``cache_dir``.
     """
     cache_dir = Path(cache_dir)
     size, spacing, (hu_low, hu_high) = _cache_settings(cache_dir)
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    with cache_lock(cache_dir):
+        return _add_patches(inputs, cache_dir, per_volume, seed, min_lung_fraction, on_error, size, spacing,
+                            (hu_low, hu_high))
+
+
+def _add_patches(inputs: Sequence[str | Path], cache_dir: Path, per_volume: int, seed: int, min_lung_fraction: float,
+                 on_error: str, size: int, spacing: float, window: tuple[float, float]) -> Path:
+    """:func:`ct_patches` once the cache's write lock is held."""
+    hu_low, hu_high = window
     rows = {row["id"]: row for row in read_manifest(cache_dir)}
     for item in discover_inputs(PrepareCTConfig(inputs=tuple(str(p) for p in inputs))):
         keys = [short_hash(f"{item.id}|{size}|{spacing:g}|{seed}|{k}") for k in range(per_volume)]
@@ -60,10 +76,12 @@ def ct_patches(inputs: Sequence[str | Path], cache_dir: str | Path, per_volume: 
             continue
         rows.pop(failure, None)
         try:
-            volume = read_ct(item.path)
+            volume = read_ct(item.path, item.series or None, files=item.files or None)
+            check_hu(volume.hu)
             hu = anti_alias(volume.hu, [spacing / s for s in volume.spacing])
             hu = resample(hu, volume.spacing, (spacing,) * 3, "linear", fill_value=-1024.0)  # (D, H, W)
             lung = lung_mask(hu, (spacing,) * 3, working_spacing_mm=max(LUNG_MASK_SPACING_MM, spacing))
+            check_lungs(hu, lung, (spacing,) * 3, min_lung_ml=0.0)  # too little lung: no crop, said below
             rng = np.random.default_rng([seed, int(short_hash(item.id), 16)])
             corners = _lung_corners(lung, size, per_volume, min_lung_fraction, rng)
             if not corners:

@@ -4,7 +4,9 @@
 DICOM header), runs :func:`~chestssl.data.ct.preprocess.preprocess_volume` on the volumes not already done in
 worker processes and records every outcome in the cache manifest of :mod:`chestssl.data.ct.cache` after each
 one, so an interrupted run loses nothing and a re-run only retries what failed. ``preprocessing.json`` in the
-cache records how the volumes were made.
+cache records how the volumes were made. At the end every prepared volume has a patient-level ``split``
+(:mod:`chestssl.data.ct.manifest_splits`; the user's own split wins). The run holds the cache's write lock
+(:func:`~chestssl.data.ct.cache.cache_lock`): a second ``prepare-ct`` on the same folder is refused, not mixed in.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from chestssl.config import save_config
 from chestssl.data.ct.inputs import InputItem, discover_inputs
 from chestssl.data.ct.io import read_ct
 from chestssl.data.ct.preprocess import PrepareCTConfig, preprocess_volume, preprocessing_record, read_mask
-from chestssl.data.ct.cache import PREPROCESSING, read_manifest, save_volume, write_manifest
+from chestssl.data.ct.cache import (PREPROCESSING, atomic_write_text, cache_lock, read_manifest, save_volume,
+                                    write_manifest)
+from chestssl.data.ct.manifest_splits import assign_splits
 from chestssl.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -45,15 +49,25 @@ def prepare_ct(config: PrepareCTConfig) -> Path:
 
     Raises:
         ConfigError: nothing to prepare, or a cache holding volumes made with other preprocessing.
+        CacheBusyError: another process is writing to ``cache_dir``.
         DataError: an unreadable user CSV or a duplicated id; with ``on_error="raise"``, the first
             volume that fails (after its failure is recorded).
     """
     if not config.inputs and config.manifest_csv is None:
         raise ConfigError("prepare-ct: nothing to prepare; set inputs and/or manifest_csv")
-    items = discover_inputs(config)
     cache = Path(config.cache_dir)
+    with cache_lock(cache):
+        return _prepare_locked(config, cache)
+
+
+def _prepare_locked(config: PrepareCTConfig, cache: Path) -> Path:
+    """:func:`prepare_ct` once the cache's write lock is held."""
+    items = discover_inputs(config)
     rows = {row["id"]: row for row in read_manifest(cache)}
     done = {key for key, row in rows.items() if row["status"] == "ok" and (cache / row["file"]).is_file()}
+    for item in items:  # the user's CSV wins over what an earlier run recorded (a corrected label or split)
+        if item.id in done:
+            rows[item.id].update({column: value for column, value in item.extra if value})
     _record_preprocessing(config, cache, has_volumes=bool(done))
     save_config(config, cache / CONFIG_FILE)
     todo = [item for item in items if item.id not in done]
@@ -73,6 +87,11 @@ def prepare_ct(config: PrepareCTConfig) -> Path:
                 if config.on_error == "raise" and first_error is None:
                     first_error = error
                     stop.set()  # volumes already in a worker still finish and are recorded
+    assigned = assign_splits(list(rows.values()), config.split_seed)
+    if assigned:
+        manifest = write_manifest(cache, list(rows.values()))
+        logger.info("prepare-ct: %d prepared volume(s) given a patient-level split (split_seed %d)", assigned,
+                    config.split_seed)
     if first_error is not None:
         raise first_error
     logger.info("prepare-ct: %d prepared, %d failed, %d done before; the cache holds %d volume(s): %s",
@@ -94,10 +113,7 @@ def _record_preprocessing(config: PrepareCTConfig, cache: Path, has_volumes: boo
         if changed:
             raise ConfigError(f"{cache} holds volumes made with other preprocessing ({'; '.join(changed)}); "
                               "use another cache_dir or delete this one")
-    cache.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(temporary, path)
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def _outcomes(
@@ -141,8 +157,8 @@ def _start_worker(workers: int, log_level: int) -> None:
 
 
 def _failed_row(item: InputItem, reason: str) -> dict[str, str]:
-    return {"id": item.id, "source": item.source, "status": "failed", "reason": " ".join(reason.split()),
-            **dict(item.extra)}
+    return {"id": item.id, "source": item.source, "series": item.series, "status": "failed",
+            "reason": " ".join(reason.split()), **dict(item.extra)}
 
 
 def _prepare_one(
@@ -151,7 +167,8 @@ def _prepare_one(
     """Read, preprocess and save one volume; a failure is returned with its manifest row, not raised."""
     geometry = {}
     try:
-        volume = read_ct(item.path, config.series_uid if item.path.is_dir() else None, allow_gaps=config.allow_gaps)
+        series = item.series or (config.series_uid if item.path.is_dir() else None)
+        volume = read_ct(item.path, series, allow_gaps=config.allow_gaps, files=item.files or None)
         geometry = {"shape": "x".join(str(n) for n in volume.hu.shape),
                     "spacing_mm": "x".join(f"{s:.4g}" for s in volume.spacing)}
         mask = None if item.mask is None else read_mask(item.mask, volume)

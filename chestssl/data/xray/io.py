@@ -4,8 +4,10 @@ Shapes: ``H``/``W`` pixels of one image, ``S`` the side of a square resized imag
 
 DICOM pixels go through the standard display pipeline (DICOM PS3.3 C.11): stored values → modality LUT
 (RescaleSlope/Intercept) → VOI LUT or window → inversion for MONOCHROME1 → min..max scaled to 0..255, so
-that dense tissue and bone are bright for every photometric interpretation. Header identifiers
-(PatientName, PatientID) are never logged nor returned.
+that dense tissue and bone are bright for every photometric interpretation. Compressed pixel data is decoded by
+pydicom's plugins: JPEG Baseline/Extended, JPEG Lossless, JPEG-LS and JPEG 2000 by pylibjpeg (with
+pylibjpeg-libjpeg and pylibjpeg-openjpeg, dependencies of chestssl), RLE Lossless by pydicom itself. Header
+identifiers and free text (PatientName, PatientID, descriptions) are never logged nor returned.
 """
 
 from __future__ import annotations
@@ -74,10 +76,11 @@ def _read_dicom(path: Path, apply_window: bool) -> np.ndarray:
     try:
         stored = dataset.pixel_array
     except Exception as err:  # truncated data, unsupported compression, ...
-        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", "unknown")
-        raise DataError(
-            f"{path}: cannot decode DICOM pixel data (transfer syntax {syntax}; {type(err).__name__}: {err})"
-        ) from err
+        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+        hint = ("; chestssl decodes it with pylibjpeg, pylibjpeg-libjpeg and pylibjpeg-openjpeg: are they installed?"
+                if getattr(syntax, "is_compressed", False) else "")
+        raise DataError(f"{path}: cannot decode DICOM pixel data (transfer syntax "
+                        f"{getattr(syntax, 'name', 'unknown')}; {type(err).__name__}: {err}){hint}") from err
     if stored.ndim != 2:
         raise DataError(f"{path}: DICOM pixel data has shape {stored.shape}; expected a 2D image")
     values = apply_modality_lut(stored, dataset)

@@ -2,8 +2,10 @@
 
 Shapes: ``N`` images, ``S`` the side of the square images, ``K`` classes. Every loader returns images
 (N, 1, S, S) uint8. Folder-based loaders (kermany, nih-cxr14, folder, dicom) decode with
-:func:`~chestssl.data.xray.io.read_xrays` and cache the decoded, resized arrays under :func:`cache_dir`, keyed by
-the dataset name, the size, the labels CSV's bytes, the root folder and each file's size and mtime.
+:func:`~chestssl.data.xray.io.read_xrays` and cache the decoded, resized arrays under
+:func:`~chestssl.data.paths.cache_dir` (``$CHESTSSL_CACHE``, else ``$XDG_CACHE_HOME/chestssl/cache`` or
+``~/.cache/chestssl/cache``; ``CHESTSSL_CACHE=off`` decodes every time and writes nothing), keyed by the dataset
+name, the size, the labels CSV's bytes, the root folder and each file's size and mtime.
 """
 
 from __future__ import annotations
@@ -133,7 +135,8 @@ def _decode_table(
         if on_error == "raise" or not present:
             raise DataError(message + (" ..." if len(missing) > 5 else ""))
         logger.warning("%s; skipping them", message)
-    cache_file = cache_dir() / f"{name}-{image_size}px-{digest.hexdigest()[:24]}.npz"
+    folder = cache_dir()  # None: caching is off
+    cache_file = None if folder is None else folder / f"{name}-{image_size}px-{digest.hexdigest()[:24]}.npz"
     images, kept = read_xrays([paths[index] for index in present], image_size, on_error, cache_file)
     return images[:, None], np.asarray(present, dtype=np.int64)[kept]
 

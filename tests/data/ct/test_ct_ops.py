@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from chestssl.data.ct.chest_checks import check_hu, lung_problems
 from chestssl.data.ct.ops import crop_to_mask, mask_bounding_box, resample, resize_to_cube, window_hu
 from chestssl.data.ct.io import read_ct
 from chestssl.data.ct.lung_mask import lung_mask
@@ -183,3 +184,14 @@ def test_lung_mask_on_abdomen_does_not_crash(shared_data):
     mask = lung_mask(volume.hu, volume.spacing)
     assert mask.shape == volume.hu.shape and mask.dtype == bool
     assert mask.sum() * np.prod(volume.spacing) / 1e6 < 0.3  # lung bases at most
+
+
+@pytest.mark.parametrize("name", list(FULL_CHESTS) + list(CROPPED_CHESTS))
+def test_every_real_chest_is_hu_and_its_lung_mask_is_lungs(shared_data, name):
+    volume, mask, _ = volume_and_mask(str(shared_data / {**FULL_CHESTS, **CROPPED_CHESTS}[name]))
+    check_hu(volume.hu)
+    assert lung_problems(volume.hu, mask, volume.spacing) == []
+
+
+def test_real_abdomen_is_hu(shared_data):
+    check_hu(read_ct(shared_data / "ct/totalsegmentator/abdomen_ct_dicom").hu)  # refused for its lungs, not its HU

@@ -235,5 +235,8 @@ def test_preprocess_volume_crops_to_the_mask_and_windows():
 
 def test_preprocess_volume_without_lungs_fails_clearly():
     volume, _ = phantom(lung_hu=40)
+    hu = volume.hu.copy()
+    hu[:, :4], hu[:, -4:] = -1000, -1000  # air in front of and behind the body: HU (unlike soft tissue alone)
+    volume = dataclasses.replace(volume, hu=hu)
     with pytest.raises(DataError, match="lung mask too small / not a chest CT: 0 ml"):
         preprocess_volume(volume, PrepareCTConfig(size=16))

@@ -1,0 +1,7 @@
+"""``python -m chestssl`` runs the ``chestssl`` command."""
+
+import sys
+
+from chestssl.cli import main
+
+sys.exit(main())
