@@ -15,6 +15,33 @@ from chestssl.config import load_config
 from chestssl.errors import ChestSSLError
 
 
+def _config_class(command: str) -> type:
+    if command == "pretrain":
+        from chestssl.train.pretrain import PretrainConfig
+
+        return PretrainConfig
+    if command == "finetune":
+        from chestssl.train.finetune import FinetuneConfig
+
+        return FinetuneConfig
+    if command == "benchmark":
+        from chestssl.train.protocol import BenchmarkConfig
+
+        return BenchmarkConfig
+    from chestssl.data.ct.preprocess import PrepareCTConfig
+
+    return PrepareCTConfig
+
+
+def _settings_epilog(command: str, argv: list[str]) -> str | None:
+    """The generated settings list, built only when help is asked for (it imports torch)."""
+    if not {"-h", "--help"} & set(argv) or command not in argv:
+        return None
+    from chestssl.config import settings_help
+
+    return settings_help(_config_class(command))
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with the run's settings")
     parser.add_argument("--data-dir", help="data directory (else $CHESTSSL_DATA, else the user cache directory)")
@@ -32,16 +59,20 @@ def _overrides(args: argparse.Namespace, data_dir_key: str = "data_dir") -> list
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="chestssl", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
-        ("pretrain", "masked-autoencoder pretraining on unlabelled images"),
+        ("pretrain", "self-supervised pretraining on unlabelled images or CT volumes"),
         ("finetune", "fine-tune (or linear-probe) a classifier on a labelled fraction"),
         ("benchmark", "label-fraction x seed x initialisation grid with a report"),
     ):
-        _add_common(commands.add_parser(name, help=help_text))
-    prepare = commands.add_parser("prepare-ct", help="CT folders, files or a manifest CSV -> a cache of lung-cropped cubes")
+        _add_common(commands.add_parser(name, help=help_text, epilog=_settings_epilog(name, argv),
+                                        formatter_class=argparse.RawDescriptionHelpFormatter))
+    prepare = commands.add_parser("prepare-ct", help="CT folders, files or a manifest CSV -> a cache of lung-cropped cubes",
+                                  epilog=_settings_epilog("prepare-ct", argv),
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     prepare.add_argument("inputs", nargs="*", metavar="PATH|key=value",
                          help="CT files or folders (DICOM series, NIfTI, NRRD, MHA), and key=value settings")
     prepare.add_argument("--config", help="YAML file with the settings")

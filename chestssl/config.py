@@ -7,7 +7,9 @@ is itself a config dataclass.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -152,3 +154,49 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 def save_config(config: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (the run's record of what it did)."""
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+_FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+?)\s*$")
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's one-line meaning: the comment after its declaration in ``cls``'s source."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    names = {field.name for field in dataclasses.fields(cls)}
+    found = (_FIELD_COMMENT.match(line) for line in source.splitlines())
+    return {match.group(1): match.group(2) for match in found if match and match.group(1) in names}
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if not typing.get_args(annotation) else None
+    return text or str(annotation).replace("typing.", "")
+
+
+def describe_settings(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """``(key, type, default, meaning)`` for every setting of ``cls``, sections expanded as ``section.key``."""
+    rows = []
+    helps = field_help(cls)
+    types_ = _field_types(cls)
+    for field in dataclasses.fields(cls):
+        annotation = types_[field.name]
+        if dataclasses.is_dataclass(annotation):
+            rows += describe_settings(annotation, f"{prefix}{field.name}.")
+            continue
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        shown = "required" if default is dataclasses.MISSING else json.dumps(
+            list(default) if isinstance(default, tuple) else default)
+        rows.append((prefix + field.name, _type_name(annotation), shown, helps.get(field.name, "")))
+    return rows
+
+
+def settings_help(cls: type) -> str:
+    """The settings of ``cls`` as text for ``--help``: one line each, generated so it cannot drift."""
+    rows = describe_settings(cls)
+    width = max(len(key) for key, *_ in rows)
+    lines = ["settings (key=value; sections as section.key=value):"]
+    for key, kind, default, meaning in rows:
+        lines.append(f"  {key.ljust(width)}  {meaning} [{kind}, default {default}]")
+    return "\n".join(lines)

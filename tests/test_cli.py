@@ -81,3 +81,24 @@ def test_help_lists_overrides(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])
     assert "key=value" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "benchmark", "prepare-ct"])
+def test_help_lists_every_setting_with_its_meaning(command, capsys):
+    from chestssl.cli import _config_class
+    from chestssl.config import describe_settings
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    for key, kind, default, meaning in describe_settings(_config_class(command)):
+        assert f"  {key} " in out and f"default {default}]" in out
+        assert meaning, f"{command} setting {key} has no one-line meaning (a comment after its field)"
+
+
+def test_python_dash_m_runs_the_command():
+    import subprocess
+    import sys
+
+    completed = subprocess.run([sys.executable, "-m", "chestssl", "--help"], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0 and "pretrain" in completed.stdout

@@ -53,3 +53,29 @@ def test_encoder_from_other_preprocessing_is_refused(nodule_cache, shared_data, 
     with pytest.raises(CheckpointError, match="size: encoder 16 vs data 32"):
         finetune(FinetuneConfig(run_dir=str(tmp_path / "ft"), dataset="ct-cache", cache_dir=str(other),
                                 pretrained=str(encoder), device="cpu", **TINY))
+
+
+def test_pretraining_leaves_out_the_test_volumes_of_a_cache_without_splits(tmp_path):
+    """A prepare-ct cache without a split column was once pretrained on whole while fine-tuning drew its test split
+    afterwards; the split is now recorded with the cache, and pretraining excludes its test volumes."""
+    import numpy as np
+
+    from chestssl.data.ct.cache import read_manifest, save_volume, write_manifest
+    from chestssl.data.datasets import load_cache_splits
+    from chestssl.train.pretrain import unlabelled_volumes
+
+    cache, rng = tmp_path / "cache", np.random.default_rng(0)
+    rows = []
+    for index in range(30):
+        save_volume(cache / f"v{index}.npz", rng.random((8, 8, 8), dtype=np.float32), np.ones((8, 8, 8), bool))
+        rows.append({"id": f"v{index}", "status": "ok", "file": f"v{index}.npz", "label": str(index % 2),
+                     "patient_id": f"p{index // 2}"})
+    write_manifest(cache, rows)  # no split column, as an older prepare-ct wrote it
+    (cache / "preprocessing.json").write_text(json.dumps({"modality": "ct", "spatial_dims": 3, "size": 8}))
+    files, _ = unlabelled_volumes(PretrainConfig(spatial_dims=3, cache_dirs=(str(cache),)))
+    recorded = {row["file"]: row["split"] for row in read_manifest(cache)}
+    assert set(recorded.values()) == {"train", "val", "test"}  # written beside the cache, once
+    test_files = {cache / f for f, split in recorded.items() if split == "test"}
+    assert test_files and not test_files & set(files) and len(files) == 30 - len(test_files)
+    labelled = load_cache_splits(cache)
+    assert set(labelled.test.inputs) == test_files  # fine-tuning tests on exactly the volumes pretraining left out

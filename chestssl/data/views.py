@@ -21,13 +21,13 @@ class ViewConfig:
     ``flip_probability`` (-1 is left-right, -2 up-down, -3 the CT's z), brightness/contrast jitter of relative
     size ``intensity``, and an output side ``size`` (None keeps the input's; multi-crop asks for smaller ones)."""
 
-    crop_scale: tuple[float, float] = (0.5, 1.0)
-    crop_ratio: tuple[float, float] = (0.8, 1.25)
-    rotate_degrees: float = 10.0
-    flip_probability: float = 0.0
-    flip_axes: tuple[int, ...] = (-1,)
-    intensity: float = 0.1
-    size: int | None = None
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # area share of the random resized crop
+    crop_ratio: tuple[float, float] = (0.8, 1.25)  # its aspect-ratio range
+    rotate_degrees: float = 10.0  # in-plane rotation up to this
+    flip_probability: float = 0.0  # probability of each flip
+    flip_axes: tuple[int, ...] = (-1,)  # axes flipped: -1 left-right, -2 up-down, -3 z
+    intensity: float = 0.1  # brightness/contrast jitter
+    size: int | None = None  # output side (null: the input's)
 
     def __post_init__(self) -> None:
         low, high = self.crop_scale

@@ -60,15 +60,15 @@ class MAEConfig:
     weight ``lung_weight``; ``lung_loss_normalise`` gives the weighted mean instead of the sum of two means.
     """
 
-    decoder_hidden_size: int = 128
-    decoder_depth: int = 2
-    decoder_num_heads: int = 4
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
-    loss: str = "mse"
-    lung_weight: float | None = None
-    lung_threshold: float = 0.25
-    lung_loss_normalise: bool = False
+    decoder_hidden_size: int = 128  # decoder token width
+    decoder_depth: int = 2  # decoder blocks
+    decoder_num_heads: int = 4  # decoder heads
+    mask_ratio: float = 0.75  # share of patches hidden
+    norm_pix_loss: bool = True  # reconstruct per-patch normalised pixels
+    loss: str = "mse"  # mse or l1
+    lung_weight: float | None = None  # weight of non-lung patches in Dack et al.'s lung-weighted L1 (null: off)
+    lung_threshold: float = 0.25  # a patch is lung above this share of lung voxels
+    lung_loss_normalise: bool = False  # weighted mean instead of Dack et al.'s sum of two means
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:

@@ -23,9 +23,9 @@ BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 class ResNetConfig:
     """Sizes of a :class:`ResNet`; the input's shape comes from the data."""
 
-    depth: int = 18
-    widths: tuple[int, ...] = (64, 128, 256, 512)
-    small_input: bool = True
+    depth: int = 18  # 18 or 34 (BasicBlock)
+    widths: tuple[int, ...] = (64, 128, 256, 512)  # channels of the four stages
+    small_input: bool = True  # 3x3 stride-1 stem without max-pool (28-64 px inputs); false: the ImageNet 7x7/2 stem
 
     def __post_init__(self) -> None:
         if self.depth not in BLOCKS_PER_STAGE:

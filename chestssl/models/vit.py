@@ -24,11 +24,11 @@ class ViTConfig:
     This is the one place ViT defaults live: pretraining, fine-tuning and the encoder file all read them here.
     """
 
-    patch_size: int = 4
-    hidden_size: int = 192
-    depth: int = 12
-    num_heads: int = 3
-    mlp_ratio: float = 4.0
+    patch_size: int = 4  # patch edge in pixels (voxels)
+    hidden_size: int = 192  # token width
+    depth: int = 12  # transformer blocks
+    num_heads: int = 3  # attention heads
+    mlp_ratio: float = 4.0  # MLP width / token width
 
     def __post_init__(self) -> None:
         for name in ("patch_size", "hidden_size", "depth", "num_heads"):

@@ -15,6 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from chestssl.errors import DataError  # noqa: E402
+
 RESULT_COLUMNS = [
     "init", "label_fraction", "seed", "n_train", "n_val", "selection", "epochs", "best_epoch", "val_auc",
     "test_auc", "test_acc", "test_balanced_accuracy", "test_f1_weighted", "seconds", "run_dir",
@@ -98,6 +100,8 @@ def plot(summary: list[dict], path: Path) -> Path:
 def write_report(run_dir: str | Path) -> Path:
     """Write ``report.md``, ``report.html`` and ``metric_vs_fraction.png`` for a benchmark directory."""
     run_dir = Path(run_dir)
+    if not (run_dir / "results.csv").is_file():
+        raise DataError(f"{run_dir} has no results.csv: it is not a benchmark run directory (or no run finished yet)")
     rows = read_results(run_dir / "results.csv")
     summary = summarise(rows)
     figure = plot(summary, run_dir / "metric_vs_fraction.png")

@@ -25,10 +25,10 @@ import torch
 
 from chestssl.config import save_config
 from chestssl.data.batch import Batches, Normalisation, xray_preprocessing
-from chestssl.data.datasets import Labelled, Split, load_labelled
+from chestssl.data.datasets import CT_CACHE, DATASETS, Labelled, Split, load_labelled
 from chestssl.data.splits import label_fraction
 from chestssl.data.views import ViewConfig
-from chestssl.errors import CheckpointError
+from chestssl.errors import CheckpointError, ConfigError
 from chestssl.models.encoders import ENCODERS, architecture, build_encoder, record_of
 from chestssl.models.heads import class_weights
 from chestssl.models.resnet import ResNetConfig
@@ -51,40 +51,40 @@ MODEL_NAME = "model.safetensors"
 class FinetuneConfig:
     """Everything a fine-tuning run depends on; saved as ``config.yaml`` in its run directory."""
 
-    run_dir: str = "runs/finetune"
-    data_dir: str | None = None
-    dataset: str = "pneumoniamnist"
-    cache_dir: str | None = None
-    dataset_root: str | None = None
-    labels_csv: str | None = None
-    image_size: int = 28
-    task: str = "classification"
-    encoder: str = "vit"
-    vit: ViTConfig = field(default_factory=ViTConfig)
-    resnet: ResNetConfig = field(default_factory=ResNetConfig)
-    pretrained: str | None = None
-    architecture_of: str | None = None
-    mode: str = "full"
-    label_fraction: float = 1.0
-    selection: str = "fraction"
-    split_seed: int = 0
-    seed: int = 0
-    epochs: int = 30
-    min_steps: int = 0
-    batch_size: int = 128
-    lr: float = 1e-3
-    layer_decay: float = 0.75
-    weight_decay: float = 0.05
-    warmup_epochs: float = 2.0
-    drop_path: float = 0.1
-    class_weighting: str = "balanced"
-    views: ViewConfig = field(default_factory=lambda: ViewConfig(crop_scale=(0.7, 1.0)))
-    normalisation_mean: float = 0.5
-    normalisation_std: float = 0.25
-    num_workers: int = 0
-    device: str = "auto"
-    checkpoint_every: int = 5
-    overwrite: bool = False
+    run_dir: str = "runs/finetune"  # where the run writes config.yaml, checkpoints, the model and results.json
+    data_dir: str | None = None  # data folder (else $CHESTSSL_DATA, else the user cache directory)
+    dataset: str = "pneumoniamnist"  # a named dataset (pneumoniamnist, kermany, nih-cxr14, folder, dicom) or ct-cache
+    cache_dir: str | None = None  # the volume cache of dataset ct-cache
+    dataset_root: str | None = None  # the image folder of the folder and dicom datasets
+    labels_csv: str | None = None  # their labels CSV (default ROOT/labels.csv)
+    image_size: int = 28  # side of the X-ray images in pixels (CT: the cache's cube size)
+    task: str = "classification"  # what the model predicts (classification)
+    encoder: str = "vit"  # encoder kind built here when no file gives it (vit, resnet)
+    vit: ViTConfig = field(default_factory=ViTConfig)  # ViT sizes (when built here)
+    resnet: ResNetConfig = field(default_factory=ResNetConfig)  # ResNet sizes (when built here)
+    pretrained: str | None = None  # encoder file to fine-tune (its weights and architecture)
+    architecture_of: str | None = None  # encoder file whose architecture is built with fresh weights (its from-scratch twin)
+    mode: str = "full"  # full fine-tuning, or linear (a probe on frozen features)
+    label_fraction: float = 1.0  # share of the training labels used, stratified and patient-level
+    selection: str = "fraction"  # epoch chosen on a validation subset of the same fraction, the full split, or fixed (last)
+    split_seed: int = 0  # seed of generated train/val/test splits
+    seed: int = 0  # seed of the label subset, initialisation, order and augmentation
+    epochs: int = 30  # passes over the labelled subset
+    min_steps: int = 0  # at least this many optimiser steps (more epochs for tiny subsets)
+    batch_size: int = 128  # global batch, split across processes
+    lr: float = 1e-3  # learning rate at batch 256 (the run uses lr x batch_size / 256)
+    layer_decay: float = 0.75  # layer-wise learning-rate decay (1.0: off)
+    weight_decay: float = 0.05  # AdamW weight decay of matrices and kernels
+    warmup_epochs: float = 2.0  # linear warm-up before the cosine decay
+    drop_path: float = 0.1  # stochastic depth of the ViT's last block
+    class_weighting: str = "balanced"  # balanced (inverse class frequency) or none
+    views: ViewConfig = field(default_factory=lambda: ViewConfig(crop_scale=(0.7, 1.0)))  # training augmentation
+    normalisation_mean: float = 0.5  # pixels in [0, 1] minus this...
+    normalisation_std: float = 0.25  # ...divided by this (must match a pretrained encoder's)
+    num_workers: int = 0  # loader processes reading cached volumes (0: in this process)
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    checkpoint_every: int = 5  # epochs between checkpoints (at most one a minute; the last epoch always)
+    overwrite: bool = False  # run again when the run directory holds a finished run with other settings
     trace_test: bool = False  # diagnostic: log test metrics every epoch (never used for selection)
 
     def __post_init__(self) -> None:
@@ -93,6 +93,10 @@ class FinetuneConfig:
                                    ("task", self.task, tuple(TASKS)), ("encoder", self.encoder, tuple(ENCODERS))):
             if value not in valid:
                 raise ValueError(f"{name} must be one of {list(valid)}, got {value!r}")
+        if self.dataset not in (*DATASETS, CT_CACHE):
+            raise ValueError(f"unknown dataset {self.dataset!r}; valid: {', '.join([*DATASETS, CT_CACHE])}")
+        if self.dataset == CT_CACHE and not self.cache_dir:
+            raise ValueError("dataset ct-cache needs cache_dir: a folder written by prepare-ct or prepare-lidc")
         if self.pretrained and self.architecture_of:
             raise ValueError("set pretrained (weights and architecture of an encoder file) or architecture_of "
                              "(its architecture with fresh weights), not both")
@@ -148,8 +152,11 @@ def build_run_encoder(config: FinetuneConfig, data: Labelled) -> tuple[torch.nn.
         _check_inputs(meta["architecture"], data, config.architecture_of)
         return build_encoder(meta["architecture"], config.architecture_of, **options), "scratch"
     settings = config.vit if config.encoder == "vit" else config.resnet
-    record = architecture(config.encoder, settings, data.spatial_dims, data.image_size)
-    return build_encoder(record, **options), "scratch"
+    try:
+        record = architecture(config.encoder, settings, data.spatial_dims, data.image_size)
+        return build_encoder(record, **options), "scratch"
+    except ValueError as error:  # sizes that do not fit the data (a patch that does not divide the image...)
+        raise ConfigError(f"{config.encoder} encoder settings: {error}") from error
 
 
 @torch.no_grad()

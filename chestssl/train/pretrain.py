@@ -19,6 +19,7 @@ from chestssl.config import save_config, to_dict
 from chestssl.data.batch import Batches, Normalisation, epoch_generator, xray_preprocessing
 from chestssl.data.datasets import cache_preprocessing, ensure_splits
 from chestssl.data.views import ViewConfig
+from chestssl.data.xray.unlabelled import SOURCES as UNLABELLED_SOURCES
 from chestssl.errors import ConfigError
 from chestssl.methods import METHODS, build_method, method_class
 from chestssl.methods.mae import MAEConfig
@@ -45,38 +46,41 @@ class PretrainConfig:
     cube size for CT.
     """
 
-    run_dir: str = "runs/pretrain"
-    data_dir: str | None = None
-    spatial_dims: int = 2
-    sources: tuple[str, ...] = ("pneumoniamnist",)
-    cache_dirs: tuple[str, ...] = ()
-    exclude_splits: tuple[str, ...] = ("test",)
-    split_seed: int = 0
-    image_size: int = 28
-    method: str = "mae"
-    encoder: str = "vit"
-    vit: ViTConfig = field(default_factory=ViTConfig)
-    resnet: ResNetConfig = field(default_factory=ResNetConfig)
-    mae: MAEConfig = field(default_factory=MAEConfig)
-    epochs: int = 100
-    batch_size: int = 256
-    base_lr: float = 1.5e-4
-    weight_decay: float = 0.05
-    warmup_epochs: float = 5.0
-    views: ViewConfig = field(default_factory=ViewConfig)
-    normalisation_mean: float = 0.5
-    normalisation_std: float = 0.25
-    seed: int = 0
-    num_workers: int = 0
-    device: str = "auto"
-    checkpoint_every: int = 5
-    grid_every: int = 10
+    run_dir: str = "runs/pretrain"  # where the run writes config.yaml, checkpoints, grids and the encoder
+    data_dir: str | None = None  # data folder (else $CHESTSSL_DATA, else the user cache directory)
+    spatial_dims: int = 2  # 2 for X-ray sources, 3 for prepared CT volumes
+    sources: tuple[str, ...] = ("pneumoniamnist",)  # unlabelled X-ray sources pooled for 2D pretraining
+    cache_dirs: tuple[str, ...] = ()  # CT volume caches (prepare-ct / prepare-lidc) for 3D pretraining
+    exclude_splits: tuple[str, ...] = ("test",)  # splits never pretrained on (the test split by default)
+    split_seed: int = 0  # seed of the patient-level split recorded with a cache that has none
+    image_size: int = 28  # side of the X-ray images in pixels (3D: the cache's cube size is used)
+    method: str = "mae"  # pretraining method (a key of chestssl.methods.METHODS); its section holds its settings
+    encoder: str = "vit"  # encoder kind (a key of chestssl.models.encoders.ENCODERS); its section holds its sizes
+    vit: ViTConfig = field(default_factory=ViTConfig)  # ViT sizes
+    resnet: ResNetConfig = field(default_factory=ResNetConfig)  # ResNet sizes
+    mae: MAEConfig = field(default_factory=MAEConfig)  # MAE settings
+    epochs: int = 100  # passes over the unlabelled data
+    batch_size: int = 256  # global batch, split across processes
+    base_lr: float = 1.5e-4  # learning rate at batch 256 (the run uses base_lr x batch_size / 256)
+    weight_decay: float = 0.05  # AdamW weight decay of matrices and kernels
+    warmup_epochs: float = 5.0  # linear warm-up before the cosine decay
+    views: ViewConfig = field(default_factory=ViewConfig)  # augmentation of each view
+    normalisation_mean: float = 0.5  # pixels in [0, 1] minus this...
+    normalisation_std: float = 0.25  # ...divided by this (recorded with the encoder)
+    seed: int = 0  # seed of initialisation, order, augmentation and masks
+    num_workers: int = 0  # loader processes reading cached volumes (0: in this process)
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    checkpoint_every: int = 5  # epochs between checkpoints (at most one a minute; the last epoch always)
+    grid_every: int = 10  # epochs between reconstruction grids (0: only the last)
 
     def __post_init__(self) -> None:
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 (X-ray sources) or 3 (CT cache_dirs), got {self.spatial_dims}")
         if self.spatial_dims == 3 and not self.cache_dirs:
             raise ValueError("3D pretraining reads prepared CT volumes: set cache_dirs (folders written by prepare-ct)")
+        unknown = [source for source in self.sources if source not in UNLABELLED_SOURCES]
+        if self.spatial_dims == 2 and (unknown or not self.sources):
+            raise ValueError(f"unknown or no unlabelled source(s) {unknown} in sources; valid: {', '.join(UNLABELLED_SOURCES)}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
         if self.encoder not in ENCODERS:
@@ -110,8 +114,11 @@ class PretrainConfig:
 
 def build_pretraining(config: PretrainConfig, image_size: int) -> torch.nn.Module:
     """The method of ``config`` around a fresh encoder for inputs of side ``image_size``."""
-    encoder = build_encoder(config.encoder_record(image_size))
-    return build_method(config.method, encoder, config.method_settings())
+    try:
+        encoder = build_encoder(config.encoder_record(image_size))
+        return build_method(config.method, encoder, config.method_settings())
+    except ValueError as error:  # sizes that do not fit together (a patch that does not divide the image...)
+        raise ConfigError(f"{config.encoder} encoder / {config.method} settings: {error}") from error
 
 
 def unlabelled_volumes(config: PretrainConfig) -> tuple[list, dict]:
@@ -139,6 +146,8 @@ def pretrain(config: PretrainConfig) -> Path:
     run_dir = Path(config.run_dir)
     identity = resume_identity(config)
     check_resumable(run_dir / CHECKPOINT_NAME, identity)  # before anything is written
+    if config.spatial_dims == 2:
+        build_pretraining(config, config.image_size)  # sizes checked before any data is loaded
     normalisation = config.normalisation()
     if config.spatial_dims == 2:
         data = load_unlabelled(list(config.sources), data_dir=config.data_dir, image_size=config.image_size,
@@ -146,6 +155,10 @@ def pretrain(config: PretrainConfig) -> Path:
         inputs, image_size = data.images, config.image_size
         preprocessing = xray_preprocessing(config.image_size, normalisation)
     else:
+        if context.is_main:  # one process records missing splits (under the cache lock); the others then read them
+            for cache in config.cache_dirs:
+                ensure_splits(cache, config.split_seed)
+        distributed.barrier(context)
         inputs, preprocessing = unlabelled_volumes(config)
         image_size = int(preprocessing["size"])
     if context.is_main:

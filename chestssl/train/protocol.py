@@ -47,19 +47,19 @@ class BenchmarkConfig:
     ``lung_weight`` (or the given ``pretrained_lung``), so the two encoders differ in the loss alone.
     """
 
-    run_dir: str = "runs/benchmark"
-    data_dir: str | None = None
-    fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    inits: tuple[str, ...] = ("resnet18-scratch", "vit-scratch", "vit-mae")
-    pretrained: str | None = None
-    pretrained_lung: str | None = None
-    lung_weight: float = 0.01
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    init_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    fraction_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    fraction_seeds: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    run_dir: str = "runs/benchmark"  # where the grid writes results.csv, the report and every run
+    data_dir: str | None = None  # data folder (else $CHESTSSL_DATA, else the user cache directory)
+    fractions: tuple[float, ...] = (0.01, 0.1, 1.0)  # label fractions of the grid
+    seeds: tuple[int, ...] = (0, 1, 2)  # seeds of every fraction
+    inits: tuple[str, ...] = ("resnet18-scratch", "vit-scratch", "vit-mae")  # initialisations compared (see chestssl.train.protocol.INITS)
+    pretrained: str | None = None  # an encoder file to use instead of pretraining
+    pretrained_lung: str | None = None  # an encoder file pretrained with the lung-weighted loss
+    lung_weight: float = 0.01  # lung_weight of the vit-mae-lung pretraining
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # the pretraining settings
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # the settings every fine-tuning run shares
+    init_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # key=value settings per initialisation
+    fraction_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # key=value settings per label fraction
+    fraction_seeds: dict[str, tuple[int, ...]] = field(default_factory=dict)  # seeds for a fraction instead of seeds (more where runs are cheap and noisy)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.inits) - set(INITS))

@@ -63,6 +63,42 @@ def test_data_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert cache_dir() == tmp_path / "cache"  # from the autouse fixture's CHESTSSL_CACHE
 
 
+def test_derived_cache_folder_honours_xdg_and_chestssl_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CHESTSSL_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "chestssl" / "cache"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_dir() == tmp_path / "home" / ".cache" / "chestssl" / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("CHESTSSL_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"  # CHESTSSL_CACHE wins
+    for off in ("off", "0", "none", "OFF", " None "):
+        monkeypatch.setenv("CHESTSSL_CACHE", off)
+        assert cache_dir() is None
+
+
+@pytest.mark.parametrize("setting", ["xdg", "off"])
+def test_decoded_xrays_are_cached_under_xdg_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         setting: str) -> None:
+    root = make_folder(tmp_path / "images", [("a.png", "normal"), ("b.png", "pneumonia")])
+    monkeypatch.chdir(tmp_path)  # a folder named "off" would land here
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    if setting == "off":
+        monkeypatch.setenv("CHESTSSL_CACHE", "off")
+    else:
+        monkeypatch.delenv("CHESTSSL_CACHE")
+    first = load_dataset("folder", image_size=8, root=root)
+    again = load_dataset("folder", image_size=8, root=root)
+    assert np.array_equal(first.images, again.images)
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.npz"))
+    if setting == "off":
+        assert written == [] and not (tmp_path / "home").exists()  # decoded images never touch the disk
+    else:
+        assert len(written) == 1 and written[0].startswith("xdg/chestssl/cache/folder-8px-")
+
+
 def test_pneumoniamnist_counts_and_rebuilt_md5_warning(shared_data: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
         data = load_dataset("pneumoniamnist", shared_data)

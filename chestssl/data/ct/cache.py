@@ -170,6 +170,8 @@ def ensure_splits(cache_dir: str | Path, split_seed: int = 0) -> list[dict[str, 
     Returns:
         Every row of the manifest (failed ones included), as :func:`read_manifest` gives them.
 
+    A read-only cache gets the same split, computed but not written (a warning says so).
+
     Raises:
         DataError: the folder has no manifest; CacheBusyError: another writer held the cache for a minute.
     """
@@ -179,11 +181,16 @@ def ensure_splits(cache_dir: str | Path, split_seed: int = 0) -> list[dict[str, 
     rows = read_manifest(cache)
     if not any(needs_split(row) for row in rows):
         return rows
-    with cache_lock(cache, wait_s=SPLITS_LOCK_WAIT_S):
-        rows = read_manifest(cache)  # another process may have written them meanwhile
-        assigned = assign_splits(rows, split_seed)
-        if assigned:
-            write_manifest(cache, rows)
-            logger.info("%s: recorded a patient-level split for %d prepared volume(s) (split_seed %d)",
-                        cache, assigned, split_seed)
-    return rows
+    try:
+        with cache_lock(cache, wait_s=SPLITS_LOCK_WAIT_S):
+            rows = read_manifest(cache)  # another process may have written them meanwhile
+            assigned = assign_splits(rows, split_seed)
+            if assigned:
+                write_manifest(cache, rows)
+                logger.info("%s: recorded a patient-level split for %d prepared volume(s) (split_seed %d)",
+                            cache, assigned, split_seed)
+    except PermissionError as error:  # a read-only cache: the same split, computed each time
+        assign_splits(rows, split_seed)
+        logger.warning("%s is read-only (%s): its patient-level split is computed but not recorded", cache, error)
+        return [{column: row.get(column) or "" for column in MANIFEST_COLUMNS} for row in rows]  # as if written
+    return read_manifest(cache)

@@ -53,7 +53,8 @@ def check_hu(hu: np.ndarray) -> None:
         raise DataError(
             f"{NOT_HU}: the darkest voxels are at {low:.4g} and the brightest at {high:.4g}, where a CT in Hounsfield "
             f"units has air at about -1000 (the darkest 0.5% between {AIR_HU[0]:g} and {AIR_HU[1]:g}) and bone below "
-            f"{MAX_HU:g}; a pre-windowed 8-bit image, pixel values without RescaleSlope/Intercept, or a crop without air?")
+            f"{MAX_HU:g}; a pre-windowed 8-bit image, pixel values without RescaleSlope/Intercept, or a crop "
+            "without air?")
 
 
 def check_lungs(hu: np.ndarray, lung: np.ndarray, spacing: Sequence[float], min_lung_ml: float) -> float:
@@ -97,16 +98,23 @@ def lung_problems(hu: np.ndarray, lung: np.ndarray, spacing: Sequence[float]) ->
         problems.append(f"is {parenchyma:.0%} lung-density tissue ({PARENCHYMA_HU[0]:g} to {PARENCHYMA_HU[1]:g} HU; "
                         f"median {np.median(inside):.0f} HU): gas, not lung parenchyma (about -850 HU)")
     body = hu > -500
-    z, _, x = np.nonzero(lung)
-    body_x = np.nonzero(body[z.min():z.max() + 1])[2]
-    midline = (np.percentile(body_x, 2) + np.percentile(body_x, 98)) / 2 if body_x.size else lung.shape[2] / 2
-    side = min(np.mean(x < midline), np.mean(x >= midline))
+    lung_z, lung_x = lung.sum(axis=(1, 2)), lung.sum(axis=(0, 1))  # lung voxels per slice, per column
+    rows = np.flatnonzero(lung_z)
+    body_x = body[rows[0]:rows[-1] + 1].sum(axis=(0, 1))  # body voxels per column beside the lungs
+    midline = (_percentile(body_x, 0.02) + _percentile(body_x, 0.98)) / 2 if body_x.any() else lung.shape[2] / 2
+    right = lung_x[: int(np.ceil(midline))].sum() / lung_x.sum()  # x runs patient right -> left
+    side = min(right, 1 - right)
     if side < MIN_SIDE_SHARE:
         problems.append(f"lies on one side of the body ({side:.0%} across the mid-line; two lungs lie on both)")
     area = body.sum(axis=(1, 2))
     slices = np.flatnonzero(area >= 0.1 * area.max()) if area.max() > 0 else np.arange(lung.shape[0])
-    height = (np.percentile(z, 98) - slices[0] + 1) / (slices[-1] - slices[0] + 1)
+    height = (_percentile(lung_z, 0.98) - slices[0] + 1) / (slices[-1] - slices[0] + 1)
     if height < MIN_TOP_HEIGHT:
         problems.append(f"lies low in the body (its top at {height:.0%} of the body's height; lungs reach the "
                         "upper half, the abdomen lies below them)")
     return problems
+
+
+def _percentile(counts: np.ndarray, quantile: float) -> int:
+    """The index below which ``quantile`` of the voxels counted per index lie (a percentile from a histogram)."""
+    return int(np.searchsorted(np.cumsum(counts), quantile * counts.sum()))

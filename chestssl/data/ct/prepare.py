@@ -78,6 +78,8 @@ def _prepare_locked(config: PrepareCTConfig, cache: Path) -> Path:
     outcomes = closing(_outcomes(todo, config, cache, stop))  # closed on Ctrl-C: queued volumes are cancelled
     with outcomes, tqdm(total=len(todo), desc="prepare-ct", unit="volume", disable=None) as bar:
         for row, error in outcomes.thing:
+            if not row.get("split") and rows.get(row["id"], {}).get("split"):
+                row["split"] = rows[row["id"]]["split"]  # a volume prepared again keeps its split
             rows[row["id"]] = row
             manifest = write_manifest(cache, list(rows.values()))  # after every volume: nothing lost on a stop
             counts[row["status"]] += 1

@@ -3,7 +3,8 @@
 In :func:`preprocess_volume`, arrays (z, y, x) = (D, H, W) in the canonical LPS orientation of
 :func:`~chestssl.data.ct.io.read_ct`: check the values are HU → resample to ``spacing_mm`` isotropic → lung mask
 checked to be lungs (or the user's mask, resampled, trusted) → crop to the lungs' bounding box plus ``margin_mm`` →
-HU window to [0, 1] → resize to a ``size``³ cube. The checks are :mod:`chestssl.data.ct.chest_checks`. Every downsampling is preceded by a Gaussian anti-aliasing filter (sigma = (factor - 1) / 2 voxels, as in
+HU window to [0, 1] → resize to a ``size``³ cube. The checks are :mod:`chestssl.data.ct.chest_checks`.
+Every downsampling is preceded by a Gaussian anti-aliasing filter (sigma = (factor - 1) / 2 voxels, as in
 scikit-image), so a 4x smaller cube averages its voxels instead of picking one in four.
 """
 
@@ -34,9 +35,12 @@ class PrepareCTConfig:
     """What ``prepare-ct`` reads, how it preprocesses and where it writes.
 
     Attributes:
-        inputs: files or folders; a folder is scanned for DICOM series folders and NIfTI/NRRD/MHA files.
+        inputs: files or folders; a folder is scanned for NIfTI/NRRD/MHA files and DICOM series, each
+            series its own input wherever its files sit (:mod:`chestssl.data.ct.inputs`).
         manifest_csv: a CSV with column ``path`` (relative to the CSV's folder) and optional ``id``,
-            ``label``, ``patient_id``, ``split`` and ``mask`` (a lung mask file on the CT's grid).
+            ``label``, ``patient_id``, ``split`` (train, val, test or pretrain: wins over the one prepare-ct
+            assigns) and ``mask`` (a lung mask file on the CT's grid). A row naming a DICOM folder is one
+            volume: the series chosen by rule, or ``series_uid``.
         cache_dir: where the ``<id>.npz`` volumes, ``manifest.csv`` and the preprocessing record go.
         spacing_mm: isotropic voxel size the volume is resampled to before the lung mask and crop.
             1.5 mm (the TotalSegmentator grid) is finer than the cube's voxels for any size up to 160
@@ -47,7 +51,8 @@ class PrepareCTConfig:
         margin_mm: margin around the lungs' bounding box.
         workers: worker processes; 1 runs in this process.
         on_error: "skip" records a failed volume and goes on; "raise" records it and stops.
-        series_uid: for DICOM folders holding several series, the one to read (see ``read_ct``).
+        series_uid: the one series to read from each DICOM folder or tree (its SeriesInstanceUID or the
+            ``uid_hash`` of ``list_series``; see ``read_ct``); by default every series of a scanned tree is an input.
         allow_gaps: interpolate over missing DICOM slices instead of refusing the series.
         min_lung_ml: a volume whose automatic lung mask is smaller fails ("not a chest CT"), as does one
             whose mask is not two lungs (:func:`~chestssl.data.ct.chest_checks.check_lungs`); a mask the user
@@ -58,21 +63,21 @@ class PrepareCTConfig:
             5-6x faster (26 vs 5 ms per 128^3 volume here), worth it when pretraining on GPUs is loader-bound.
     """
 
-    inputs: tuple[str, ...] = ()
-    manifest_csv: str | None = None
-    cache_dir: str = "runs/ct_cache"
-    spacing_mm: float = 1.5
-    hu_low: float = -1000.0
-    hu_high: float = 200.0
-    size: int = 64
-    margin_mm: float = 10.0
-    workers: int = 2
-    on_error: str = "skip"
-    series_uid: str | None = None
-    allow_gaps: bool = False
-    min_lung_ml: float = 100.0
-    compress: bool = True
-    split_seed: int = 0
+    inputs: tuple[str, ...] = ()  # CT files or folders; each DICOM series found in a folder is an input
+    manifest_csv: str | None = None  # CSV of path and optional id, label, patient_id, split, mask
+    cache_dir: str = "runs/ct_cache"  # where the volumes, manifest.csv and preprocessing.json go
+    spacing_mm: float = 1.5  # isotropic voxel size of the resampling before the lung mask and crop
+    hu_low: float = -1000.0  # HU mapped to 0
+    hu_high: float = 200.0  # HU mapped to 1
+    size: int = 64  # side of the output cube in voxels
+    margin_mm: float = 10.0  # margin around the lungs' bounding box
+    workers: int = 2  # worker processes (1 runs in this process)
+    on_error: str = "skip"  # skip: record a failed volume and go on; raise: record it and stop
+    series_uid: str | None = None  # the one DICOM series to read from each folder (UID or list_series hash)
+    allow_gaps: bool = False  # interpolate over missing DICOM slices instead of refusing the series
+    min_lung_ml: float = 100.0  # an automatic lung mask smaller than this fails (not a chest CT)
+    compress: bool = True  # compressed .npz volumes (false: about 2x the disk, 5-6x faster to read)
+    split_seed: int = 0  # seed of the patient-level 70/10/20 split of volumes that have no split
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", (self.inputs,) if isinstance(self.inputs, str) else tuple(self.inputs))

@@ -5,8 +5,9 @@ Shapes: ``H``/``W`` pixels of one image, ``S`` the side of a square resized imag
 DICOM pixels go through the standard display pipeline (DICOM PS3.3 C.11): stored values → modality LUT
 (RescaleSlope/Intercept) → VOI LUT or window → inversion for MONOCHROME1 → min..max scaled to 0..255, so
 that dense tissue and bone are bright for every photometric interpretation. Compressed pixel data is decoded by
-pydicom's plugins: JPEG Baseline/Extended, JPEG Lossless, JPEG-LS and JPEG 2000 by pylibjpeg (with
-pylibjpeg-libjpeg and pylibjpeg-openjpeg, dependencies of chestssl), RLE Lossless by pydicom itself. Header
+pydicom's plugins: JPEG Baseline, JPEG Lossless, JPEG-LS and JPEG 2000 by GDCM (python-gdcm, a dependency of
+chestssl), RLE Lossless by pydicom itself; 12-bit JPEG Extended by the optional GPL-3.0 pylibjpeg-libjpeg
+(``pip install 'chestssl[jpeg-extended]'``). Header
 identifiers and free text (PatientName, PatientID, descriptions) are never logged nor returned.
 """
 
@@ -77,7 +78,8 @@ def _read_dicom(path: Path, apply_window: bool) -> np.ndarray:
         stored = dataset.pixel_array
     except Exception as err:  # truncated data, unsupported compression, ...
         syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
-        hint = ("; chestssl decodes it with pylibjpeg, pylibjpeg-libjpeg and pylibjpeg-openjpeg: are they installed?"
+        hint = ("; chestssl decodes compressed DICOM with python-gdcm (is it installed?); 12-bit JPEG Extended "
+                "needs the optional GPL-3.0 decoder: pip install 'chestssl[jpeg-extended]'"
                 if getattr(syntax, "is_compressed", False) else "")
         raise DataError(f"{path}: cannot decode DICOM pixel data (transfer syntax "
                         f"{getattr(syntax, 'name', 'unknown')}; {type(err).__name__}: {err}){hint}") from err

@@ -24,6 +24,7 @@ from chestssl.errors import DataError
 logger = logging.getLogger(__name__)
 
 LUNGSEG = "cxr-lungseg"
+SOURCES = tuple(name for name in DATASETS if name not in ("folder", "dicom")) + (LUNGSEG,)  # no options needed
 
 
 def _load_lungseg(data_dir: Path, image_size: int) -> np.ndarray:
@@ -70,7 +71,7 @@ def load_unlabelled(
         split ("" where a source has none), patient_ids None (ids of different sources are not comparable).
     """
     sources = [sources] if isinstance(sources, str) else list(sources)
-    valid = [name for name in DATASETS if name not in ("folder", "dicom")] + [LUNGSEG]
+    valid = list(SOURCES)
     unknown = [source for source in sources if source not in valid]
     if unknown or not sources:
         raise ValueError(f"unknown or no unlabelled source(s) {list(unknown)}; valid names: {', '.join(valid)}")

@@ -20,7 +20,7 @@ def _grid_mm():
     return z * SPACING[0] + 1.5, y * SPACING[1] - 144.0 + 1.5, x * SPACING[2] - 144.0 + 1.5  # mm, centre 0
 
 
-def _body(rng: np.random.Generator) -> np.ndarray:
+def _body() -> np.ndarray:
     _, y, x = _grid_mm()
     hu = np.full(SHAPE, -1000.0)
     hu[np.broadcast_to((y / 95) ** 2 + (x / 130) ** 2 <= 1, SHAPE)] = 40.0
@@ -29,7 +29,7 @@ def _body(rng: np.random.Generator) -> np.ndarray:
 
 def _ellipsoid(centre, radii) -> np.ndarray:
     z, y, x = _grid_mm()
-    return ((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((x - centre[2]) / radii[2]) ** 2 <= 1
+    return sum(((axis - c) / r) ** 2 for axis, c, r in zip((z, y, x), centre, radii)) <= 1
 
 
 def _lung_tissue(rng: np.random.Generator, region: np.ndarray) -> np.ndarray:
@@ -47,7 +47,7 @@ def chest_lungs() -> np.ndarray:
 def chest(seed: int = 0) -> np.ndarray:
     """Two lungs (about 0.85 L each, -850 HU, from 30 to 170 mm) and a trachea in the top 30 mm."""
     rng = np.random.default_rng(seed)
-    hu = _body(rng)
+    hu = _body()
     lungs = chest_lungs()
     hu = np.where(lungs, _lung_tissue(rng, lungs), hu)
     z, y, x = _grid_mm()
@@ -63,7 +63,7 @@ def abdomen(kind: str = "gas", seed: int = 0) -> np.ndarray:
     density (-850 HU), low in the body (up to 75 mm).
     """
     rng = np.random.default_rng(seed)
-    hu = _body(rng)
+    hu = _body()
     if kind == "gas":
         pockets = _ellipsoid((90, 10, -55), (25, 30, 30)) | _ellipsoid((90, 10, 55), (25, 30, 30))
         for z, y, x, side in zip(*rng.uniform([20, -50, 40, -1], [120, 50, 100, 1], (10, 4)).T):
