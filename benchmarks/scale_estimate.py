@@ -8,7 +8,8 @@ Measured here, on this machine:
   2. Reading one cached volume back (what each DataLoader worker does per volume during pretraining), from a
      compressed cache (the default) and a plain one (``prepare-ct compress=false``).
   3. The FLOPs of one 3D MAE training step per volume (``torch.utils.flop_counter``) and its time on this
-     device (the GPU when there is one).
+     device (the GPU when there is one). The step is the training loop's own (``chestssl.train.loop.train_step``)
+     on the method built as pretraining builds it, with the lung-weighted L1 loss of a CT run.
 
 Then the totals: prepare-ct over ``--workers`` CPU processes (volumes are independent: linear in workers up to
 the cores), and pretraining for ``--epochs`` on one and on eight GPUs, as the slower of the GPU and the loader
@@ -17,6 +18,7 @@ such); run this script on a GPU machine to replace it with a measurement. Eight 
 
     python benchmarks/scale_estimate.py                       # ViT-B/16 MAE at 128^3, 5,000 volumes, 100 epochs
     python benchmarks/scale_estimate.py --size 64 --hidden-size 384 --depth 6 --num-heads 6
+    python benchmarks/scale_estimate.py --quick               # a fast check: 64^3, a small ViT, one timed step
 """
 
 from __future__ import annotations
@@ -33,20 +35,27 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from mae_throughput import count_flops, time_steps  # the sibling script: the same timing and FLOP count
+from mae_throughput import count_flops, loop_step, time_steps  # the sibling script: the same step, timer, count
 
 from chestssl.data.ct.ops import resample
 from chestssl.data.ct.io import read_ct
 from chestssl.data.ct.preprocess import PrepareCTConfig, preprocess_volume
 from chestssl.data.ct.cache import load_volume, save_volume
-from chestssl.methods.mae import MAE
-from chestssl.models.vit import ViT, ViTConfig
+from chestssl.data.batch import Batch
+from chestssl.methods import build_method
+from chestssl.methods.mae import MAEConfig
+from chestssl.models.encoders import architecture, build_encoder
+from chestssl.models.vit import ViTConfig
+from chestssl.train.distributed import Context
 
 VOLUMES = {
     "lung1 (NRRD, 512x512x48)": "ct/pyradiomics/lung1_image.nrrd",
     "lung2 (NRRD, 512x512x61)": "ct/pyradiomics/lung2_image.nrrd",
     "Lung_Dx-A0001 (DICOM, 512x512x64)": "ct/lung-pet-ct-dx/Lung_Dx-A0001_series2",
 }
+# --quick: a 64^3 volume, a small MAE and one timed step, for a fast check that the script runs
+QUICK = {"size": 64, "hidden_size": 192, "depth": 4, "num_heads": 3, "decoder_hidden_size": 96, "decoder_depth": 2,
+         "decoder_num_heads": 4, "repeats": 1}
 
 
 def thin_slice_stand_in(data: Path, folder: Path) -> Path:
@@ -70,23 +79,16 @@ def prepare_seconds(path: Path, config: PrepareCTConfig, output: Path) -> float:
 
 
 def mae_step(args: argparse.Namespace, device: torch.device):
-    vit = ViT(ViTConfig(spatial_dims=3, image_size=args.size, patch_size=args.patch_size, in_channels=1,
-                        hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads))
-    model = MAE(vit, args.decoder_hidden_size, args.decoder_depth, args.decoder_num_heads, loss_kind="l1",
-                norm_pix_loss=False, lung_weight=0.01).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    """One step of the training loop for the 3D MAE of ``args`` on a random batch of volumes and lung masks."""
+    vit = ViTConfig(patch_size=args.patch_size, hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads)
+    encoder = build_encoder(architecture("vit", vit, spatial_dims=3, image_size=args.size))
+    method = build_method("mae", encoder, MAEConfig(
+        decoder_hidden_size=args.decoder_hidden_size, decoder_depth=args.decoder_depth,
+        decoder_num_heads=args.decoder_num_heads, norm_pix_loss=False, loss="l1", lung_weight=0.01,
+    )).to(device)
     x = torch.rand(args.batch_size, 1, *(args.size,) * 3, device=device)  # (B, 1, D, H, W)
-    lung = (torch.rand_like(x) > 0.5).to(torch.uint8)
-    y = torch.zeros(args.batch_size, dtype=torch.long, device=device)
-
-    def step() -> None:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model((x, y, lung))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
+    batch = Batch(images=x, lung_mask=torch.rand_like(x) > 0.5)
+    return loop_step(method, batch, Context(rank=0, world_size=1, device=device))
 
 
 def hours(seconds: float) -> str:
@@ -113,7 +115,11 @@ def main() -> None:
                         help="ASSUMED sustained bf16 TFLOP/s of one GPU when none is here (H100 dense peak ~990)")
     parser.add_argument("--ddp-efficiency", type=float, default=0.9, help="ASSUMED scaling efficiency on 8 GPUs")
     parser.add_argument("--loader-workers-per-gpu", type=int, default=8, help="DataLoader processes per GPU")
+    parser.add_argument("--quick", action="store_true", help=f"a fast check: defaults {QUICK} (flags still win)")
     args = parser.parse_args()
+    if args.quick:
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     config = PrepareCTConfig(size=args.size)
 
@@ -151,7 +157,7 @@ def main() -> None:
     flops = count_flops(step) / args.batch_size
     seconds = time_steps(step, device, warmup=1, repeats=args.repeats) / args.batch_size
     print(f"3. MAE step (ViT {args.hidden_size}x{args.depth}, patch {args.patch_size}, decoder "
-          f"{args.decoder_hidden_size}x{args.decoder_depth}, 75% masked): {flops / 1e9:.0f} GFLOP per volume; "
+          f"{args.decoder_hidden_size}x{args.decoder_depth}, 75% masked): {flops / 1e9:.3g} GFLOP per volume; "
           f"{device.type}: {seconds:.3f} s per volume ({flops / seconds / 1e12:.2f} TFLOP/s)")
 
     volume_steps = args.volumes * args.epochs

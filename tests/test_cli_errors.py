@@ -70,3 +70,20 @@ def test_a_refused_pretraining_rerun_keeps_its_config(tmp_path, shared_data):
     assert main(run + ["base_lr=0.5"]) == 2  # a checkpoint of other settings is not resumed...
     assert (tmp_path / "p" / "config.yaml").read_text() == saved  # ...and its record is not overwritten
     assert json.loads((tmp_path / "p" / "encoder.json").read_text())["architecture"]["hidden_size"] == 16
+
+
+def test_a_small_folder_dataset_says_how_many_images_each_split_got(tmp_path, caplog):
+    from PIL import Image
+    import numpy as np
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    lines = ["path,label"]
+    for index in range(4):
+        Image.fromarray(np.full((32, 32), 40 * index, np.uint8)).save(folder / f"{index}.png")
+        lines.append(f"{index}.png,{'a' if index % 2 else 'b'}")
+    (folder / "labels.csv").write_text("\n".join(lines) + "\n")
+    arguments = ["finetune", "--run-dir", str(tmp_path / "ft"), "dataset=folder", f"dataset_root={folder}",
+                 "image_size=32", "vit.patch_size=8", "epochs=1"]
+    assert main(arguments) == 2
+    assert "split(s) are empty" in caplog.text and "'train':" in caplog.text  # counts per split, not a traceback

@@ -8,7 +8,7 @@ Legend: ``N`` samples, ``B`` batch, ``C`` channels, ``S`` spatial (H, W) or (D, 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -163,12 +163,6 @@ class Batches:
 
     def __len__(self) -> int:
         return self.count // self.batch_size if self.drop_last else -(-self.count // self.batch_size)
-
-    def with_views(self, views: Sequence[ViewConfig]) -> "Batches":
-        """The same inputs and order with other views (e.g. none, for a fixed preview batch)."""
-        other = object.__new__(Batches)
-        other.__dict__.update(self.__dict__, views=tuple(views))
-        return other
 
     def _shards(self, seed: int, epoch: int) -> list[list[int]]:
         order = torch.randperm(self.count, generator=epoch_generator(seed, epoch, 0)) if self.shuffle else torch.arange(self.count)

@@ -21,8 +21,7 @@ import numpy as np
 import pydicom
 
 from chestssl.data.xray.io import is_dicom, read_xrays
-from chestssl.data.xray.medmnist import load_pneumoniamnist
-from chestssl.data.paths import cache_dir, resolve_data_dir
+from chestssl.data.paths import cache_dir
 from chestssl.data.types import ImageDataset
 from chestssl.errors import DataError
 
