@@ -163,7 +163,8 @@ def main() -> None:
     x = torch.randn(args.batch_size, 1, *([args.image_size] * args.spatial_dims), device=device)  # (B, 1, *S)
 
     torch.manual_seed(0)
-    vit = ViTConfig(patch_size=args.patch_size, hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads)
+    vit = ViTConfig(patch_size=args.patch_size, hidden_size=args.hidden_size, depth=args.depth,
+                    num_heads=args.num_heads)
     encoder = build_encoder(architecture("vit", vit, args.spatial_dims, args.image_size))
     method = build_method("mae", encoder, MAEConfig(
         decoder_hidden_size=args.decoder_hidden_size, decoder_depth=args.decoder_depth,
@@ -189,7 +190,7 @@ def main() -> None:
     unit = "images" if args.spatial_dims == 2 else "volumes"
     where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"device {device} ({where}), fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (best of before and after), "
-          f"1-min load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+          f"1-min load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after (this run's own threads count)")
     print(f"{args.spatial_dims}D {args.image_size}^{args.spatial_dims}, patch {args.patch_size}, width "
           f"{args.hidden_size}, depth {args.depth}, heads {args.num_heads}, decoder {args.decoder_hidden_size} x "
           f"{args.decoder_depth}, batch {args.batch_size}, mask ratio {args.mask_ratio:g}; {args.repeats} interleaved "

@@ -80,7 +80,8 @@ def prepare_seconds(path: Path, config: PrepareCTConfig, output: Path) -> float:
 
 def mae_step(args: argparse.Namespace, device: torch.device):
     """One step of the training loop for the 3D MAE of ``args`` on a random batch of volumes and lung masks."""
-    vit = ViTConfig(patch_size=args.patch_size, hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads)
+    vit = ViTConfig(patch_size=args.patch_size, hidden_size=args.hidden_size, depth=args.depth,
+                    num_heads=args.num_heads)
     encoder = build_encoder(architecture("vit", vit, spatial_dims=3, image_size=args.size))
     method = build_method("mae", encoder, MAEConfig(
         decoder_hidden_size=args.decoder_hidden_size, decoder_depth=args.decoder_depth,
