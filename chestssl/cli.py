@@ -1,6 +1,6 @@
-"""The ``chestssl`` command: pretrain, finetune, benchmark, report, prepare-ct, prepare-lidc.
+"""The ``chestssl`` command: pretrain, finetune, benchmark, report, prepare-ct, prepare-lidc, predict, export.
 
-Every subcommand takes ``--config FILE.yaml`` and ``key=value`` overrides (``section.key=value`` for nested
+The training subcommands take ``--config FILE.yaml`` and ``key=value`` overrides (``section.key=value`` for nested
 sections); unknown keys are errors. The resolved config is saved in the run directory.
 """
 
@@ -84,11 +84,31 @@ def main(argv: list[str] | None = None) -> int:
     lidc.add_argument("--spacing-mm", type=float, default=1.0, help="isotropic voxel size")
     lidc.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level 70/10/20 split")
     lidc.add_argument("--workers", type=int, default=2)
+    lidc.add_argument("--labels", choices=["malignancy", "max-vote"], default="malignancy",
+                      help="malignancy: score < 3 benign, > 3 malignant, 3 left unlabelled (the common protocol); "
+                           "max-vote: the index's Diagnosis")
     lidc.add_argument("--patches-from", nargs="+", default=(), metavar="PATH",
                       help="full chest CT files or folders: add random lung crops, made like the cubes, for pretraining")
     lidc.add_argument("--patches-per-volume", type=int, default=32, help="lung crops per full CT")
     report = commands.add_parser("report", help="rebuild the report of a benchmark run directory")
     report.add_argument("run_dir")
+    predict = commands.add_parser("predict", help="apply a fine-tuned model to new X-rays or CTs, with heat maps")
+    predict.add_argument("-m", "--model", required=True, help="a fine-tuning run directory or its model.safetensors")
+    predict.add_argument("-i", "--input", nargs="+", required=True, metavar="PATH",
+                         help="image files, CT files, DICOM folders, folders of them, or a CSV (path[, id, mask])")
+    predict.add_argument("-o", "--output", required=True, help="folder for predictions.csv/.json, heatmaps/, report.json")
+    predict.add_argument("--heatmap", action=argparse.BooleanOptionalAction, default=None,
+                         help="write saliency maps (default: on for classification models)")
+    predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    predict.add_argument("--continue", dest="resume", action="store_true",
+                         help="keep the predictions already in OUT and predict only the other inputs")
+    predict.add_argument("--batch-size", type=int, default=16, help="inputs prepared and predicted at once")
+    export = commands.add_parser("export", help="export a fine-tuned model (ONNX), checked on real inputs")
+    export.add_argument("-m", "--model", required=True, help="a fine-tuning run directory or its model.safetensors")
+    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument("-o", "--output", required=True, help="the .onnx file (its metadata goes beside it as FILE.onnx.json)")
+    export.add_argument("-i", "--input", nargs="+", required=True, metavar="PATH",
+                        help="real inputs the exported model is checked on against PyTorch")
     args, extra = parser.parse_known_args(argv)
     if any(item.startswith("-") for item in extra):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -132,12 +152,27 @@ def main(argv: list[str] | None = None) -> int:
             from chestssl.data.ct.lidc import build_lidc_nodules
 
             manifest = build_lidc_nodules(args.data_dir, args.cache_dir, size=args.size, spacing_mm=args.spacing_mm,
-                                          split_seed=args.split_seed, workers=args.workers)
+                                          split_seed=args.split_seed, workers=args.workers, labels=args.labels)
             if args.patches_from:
                 from chestssl.data.ct.patches import ct_patches
 
                 manifest = ct_patches(args.patches_from, args.cache_dir, args.patches_per_volume, seed=args.split_seed)
             print(f"manifest: {manifest}")
+        elif args.command == "predict":
+            from chestssl.predict import predict_to_folder
+
+            if args.batch_size < 1:
+                parser.error("--batch-size must be at least 1")
+            report = predict_to_folder(args.model, args.input, args.output, args.heatmap, args.device, args.resume,
+                                       args.batch_size)
+            print(f"predictions: {args.output}/predictions.csv  ({report['predicted']} predicted, {report['failed']} "
+                  f"failed, {report['skipped_done']} already done)")
+        elif args.command == "export":
+            from chestssl.predict.export import export_onnx
+
+            record = export_onnx(args.model, args.output, args.input)
+            print(f"onnx: {args.output}  (checked on {record['check']['inputs']} inputs, max |difference| "
+                  f"{record['check']['max_abs_difference']:.2g})")
         elif args.command == "report":
             from chestssl.report.tables import write_report
 

@@ -22,6 +22,7 @@ from chestssl.data.types import ImageDataset
 from chestssl.errors import DataError
 from chestssl.data.xray.medmnist import load_pneumoniamnist
 from chestssl.data.xray.sources import _load_dicom, _load_folder, _load_kermany, _load_nih
+from chestssl.data.ct.slices import load_sarscov2_ct, load_sarscov2_ct_slices
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ DATASETS = {
     "nih-cxr14": _load_nih,
     "folder": _load_folder,
     "dicom": _load_dicom,
+    "sarscov2-ct": load_sarscov2_ct,  # COVID vs non-COVID CT slices, split by runs of one patient's slices
+    "sarscov2-ct-slices": load_sarscov2_ct_slices,  # the same, split by slice: leaks patients (comparison only)
 }
 
 

@@ -15,9 +15,21 @@ from typing import Any
 
 from torch import nn
 
+from chestssl.methods.byol import BYOL
 from chestssl.methods.mae import MAE
+from chestssl.methods.moco import MoCoV2
+from chestssl.methods.simclr import SimCLR
+from chestssl.methods.spark import SparK
+from chestssl.methods.swav import SwAV
 
-METHODS: dict[str, type[nn.Module]] = {"mae": MAE}
+METHODS: dict[str, type[nn.Module]] = {
+    "mae": MAE,
+    "simclr": SimCLR,
+    "mocov2": MoCoV2,
+    "spark": SparK,
+    "byol": BYOL,
+    "swav": SwAV,
+}
 
 
 def method_class(name: str) -> type[nn.Module]:

@@ -78,3 +78,16 @@ def barrier(context: Context) -> None:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def gather(tensor: torch.Tensor, context: Context | None = None) -> torch.Tensor:
+    """Concatenate ``tensor`` (B, ...) from every process along dim 0, rank order, without gradient.
+
+    Alone (no process group) it returns ``tensor`` detached. Every process must pass the same shape.
+    """
+    tensor = tensor.detach()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)

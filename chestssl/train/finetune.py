@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -65,6 +65,8 @@ class FinetuneConfig:
     pretrained: str | None = None  # encoder file to fine-tune (its weights and architecture)
     architecture_of: str | None = None  # encoder file whose architecture is built with fresh weights (its from-scratch twin)
     mode: str = "full"  # full fine-tuning, or linear (a probe on frozen features)
+    freeze_epochs: int = 0  # full mode: the encoder frozen (eval mode, not updated) for this many epochs first
+    unfreeze_lr_scale: float = 0.1  # the encoder's learning rate after unfreezing, relative to the schedule's
     label_fraction: float = 1.0  # share of the training labels used, stratified and patient-level
     selection: str = "fraction"  # epoch chosen on a validation subset of the same fraction, the full split, or fixed (last)
     split_seed: int = 0  # seed of generated train/val/test splits
@@ -83,7 +85,7 @@ class FinetuneConfig:
     normalisation_std: float = 0.25  # ...divided by this (must match a pretrained encoder's)
     num_workers: int = 0  # loader processes reading cached volumes (0: in this process)
     device: str = "auto"  # auto, cpu, cuda or cuda:N
-    checkpoint_every: int = 5  # epochs between checkpoints (at most one a minute; the last epoch always)
+    checkpoint_every: int = 5  # epochs between checkpoints (at most one a minute; the last epoch always; 0: only the last)
     overwrite: bool = False  # run again when the run directory holds a finished run with other settings
     trace_test: bool = False  # diagnostic: log test metrics every epoch (never used for selection)
 
@@ -107,7 +109,11 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "image_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("min_steps", "num_workers", "checkpoint_every"):
+        if self.freeze_epochs and self.mode != "full":
+            raise ValueError("freeze_epochs (freeze-then-unfreeze) applies to mode=full; a linear probe is always frozen")
+        if not 0.0 < self.unfreeze_lr_scale <= 1.0:
+            raise ValueError(f"unfreeze_lr_scale must be in (0, 1], got {self.unfreeze_lr_scale}")
+        for name in ("min_steps", "num_workers", "checkpoint_every", "freeze_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -182,6 +188,29 @@ def _choose(config: FinetuneConfig, data: Labelled) -> tuple[Split, Split | None
     return chosen, val.subset(indices), f"validation subset of the same fraction ({len(indices)} of {len(val)})"
 
 
+def freeze_then_unfreeze(model: torch.nn.Module, optimizer: torch.optim.Optimizer, freeze_epochs: int,
+                         unfreeze_lr_scale: float) -> Callable[[int], None] | None:
+    """Wolf et al.'s protocol as an epoch-start hook: for the first ``freeze_epochs`` epochs the encoder is in
+    eval mode (batch-norm statistics fixed) and its parameter groups (``part`` "encoder") get learning rate 0
+    (AdamW leaves a parameter exactly unchanged at rate 0, decay included), so only the head learns; afterwards
+    the encoder trains at ``unfreeze_lr_scale`` times its rate. The parameters keep ``requires_grad``, so DDP
+    sees the same graph throughout; the hook depends on the epoch alone, so a resumed run is exact. None when
+    ``freeze_epochs`` is 0."""
+    if not freeze_epochs:
+        return None
+    # indices and rates now: loading a checkpoint replaces the optimizer's group dicts (and their lr_scale)
+    base = {i: g.get("lr_scale", 1.0) for i, g in enumerate(optimizer.param_groups) if g.get("part") == "encoder"}
+
+    def on_epoch_start(epoch: int) -> None:
+        frozen = epoch < freeze_epochs
+        if frozen:
+            model.encoder.eval()
+        for index, scale in base.items():
+            optimizer.param_groups[index]["lr_scale"] = 0.0 if frozen else scale * unfreeze_lr_scale
+
+    return on_epoch_start
+
+
 def finetune(config: FinetuneConfig) -> dict[str, Any]:
     """Run (or resume, or return the finished result of) one fine-tuning run; returns its results dict.
 
@@ -228,7 +257,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         def layer_of(name: str) -> int:
             return encoder.layer_id(name.removeprefix("encoder.")) if name.startswith("encoder.") else depth + 1
 
-        groups = param_groups(model, config.weight_decay, config.layer_decay, depth, layer_of)
+        groups = param_groups(model, config.weight_decay, config.layer_decay, depth, layer_of,
+                              lambda name: "encoder" if name.startswith("encoder.") else "head")
     model.to(context.device)
     batches = Batches(train_inputs, train.labels, config.batch_size, input_norm, views, True, True, context.rank,
                       context.world_size, context.device, config.num_workers)
@@ -239,6 +269,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     epochs = max(config.epochs, math.ceil(config.min_steps / len(batches)))
     lr = config.lr * config.batch_size / 256
     optimizer = torch.optim.AdamW(groups, lr=lr)
+    on_epoch_start = freeze_then_unfreeze(model, optimizer, config.freeze_epochs, config.unfreeze_lr_scale)
     schedule = Schedule(epochs=epochs, steps_per_epoch=len(batches), lr=lr, warmup_epochs=config.warmup_epochs)
     best_path = run_dir / "best.safetensors"
     state: dict[str, Any] = {"best_key": None, "best_epoch": None, "best_values": None}
@@ -257,7 +288,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         return {**values, **traced}
 
     fit(model, optimizer, lambda epoch: batches.epoch(config.seed, epoch), schedule, context, run_dir, config.seed,
-        {**identity, "init": source}, checkpoint_every=config.checkpoint_every, on_epoch_end=on_epoch_end, state=state,
+        {**identity, "init": source}, checkpoint_every=config.checkpoint_every, on_epoch_end=on_epoch_end,
+        on_epoch_start=on_epoch_start, state=state,
         description=f"finetune {encoder.kind} {config.label_fraction:g}")
     distributed.barrier(context)
     if val_inputs is not None:
@@ -284,7 +316,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         save_model(run_dir / MODEL_NAME, model, {
             **task.describe(), "encoder": record_of(model.encoder), "head": {"feature_size": encoder.feature_size,
             "feature_norm": "batch" if config.mode == "linear" else encoder.head_norm},
-            "preprocessing": data.preprocessing, "mode": config.mode, "init": source, "label_fraction": config.label_fraction,
+            "preprocessing": data.preprocessing, "dataset": config.dataset, "mode": config.mode, "init": source, "label_fraction": config.label_fraction,
         })
         results_path.write_text(json.dumps({**result, "identity": identity}, indent=2))
         log.info("test AUC %.4f ACC %.4f balanced acc %.4f F1 %.4f", result["test_auc"], result["test_acc"],

@@ -133,6 +133,7 @@ def fit(
     checkpoint_every: int = 1,
     checkpoint_seconds: float = 60.0,
     on_epoch_end: Callable[[int], dict[str, Any]] | None = None,
+    on_epoch_start: Callable[[int], None] | None = None,
     state: dict[str, Any] | None = None,
     description: str = "train",
 ) -> dict[str, Any]:
@@ -152,6 +153,8 @@ def fit(
         checkpoint_seconds: and at least this long between two checkpoints, so runs of many tiny epochs
             (1% of the labels) do not spend their time writing state.
         on_epoch_end: called on every rank after each epoch with the epoch index; returns metrics to log.
+        on_epoch_start: called on every rank before each epoch (after ``model.train()``) with its index; a
+            schedule that depends only on the epoch (freeze-then-unfreeze) stays exact across a resume.
         state: a JSON-able dict the caller keeps across epochs (e.g. best score); saved in checkpoints.
 
     Returns:
@@ -182,6 +185,8 @@ def fit(
     for epoch in range(start_epoch, schedule.epochs):
         seed_everything(seed, epoch, context.rank)
         trained.train()
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
         started, losses, extras = time.perf_counter(), [], {}
         for index, batch in enumerate(batches(epoch)):
             step = epoch * schedule.steps_per_epoch + index
@@ -210,7 +215,8 @@ def fit(
             record.update(on_epoch_end(epoch))
         if context.is_main:
             _append_jsonl(metrics_path, record)
-            due = (epoch + 1) % checkpoint_every == 0 and time.perf_counter() - last_saved >= checkpoint_seconds
+            due = (checkpoint_every > 0 and (epoch + 1) % checkpoint_every == 0
+                   and time.perf_counter() - last_saved >= checkpoint_seconds)  # 0: only the last epoch
             if due or epoch + 1 == schedule.epochs:
                 save_training_state(checkpoint, model, optimizer, {"epoch": epoch + 1, "state": state}, identity)
                 last_saved = time.perf_counter()

@@ -26,6 +26,7 @@ def param_groups(
     layer_decay: float = 1.0,
     depth: int = 0,
     layer_of: Callable[[str], int] | None = None,
+    part_of: Callable[[str], str] | None = None,
 ) -> list[dict]:
     """AdamW groups: no weight decay for ``ndim < 2`` (biases, norms, tokens); with ``layer_decay`` < 1 the
     parameter at layer ``i`` of ``depth + 1`` gets ``lr_scale = layer_decay ** (depth + 1 - i)`` (BEiT/MAE).
@@ -36,19 +37,23 @@ def param_groups(
         layer_decay: per-layer factor; 1.0 switches layer-wise decay off.
         depth: number of layer groups below the head (an encoder's ``num_layers``; needed when layer_decay < 1).
         layer_of: maps a parameter name to its layer index in 0..depth+1 (an encoder's ``layer_id``).
+        part_of: maps a parameter name to a part ("encoder", "head"); parts never share a group, and each
+            group records its ``part`` (for schedules that treat the encoder apart, e.g. freeze-then-unfreeze).
     """
-    groups: dict[tuple[int, bool], dict] = {}
+    groups: dict[tuple[str, int, bool], dict] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         layer = layer_of(name) if (layer_of is not None and layer_decay != 1.0) else depth + 1
         decay = parameter.ndim >= 2 and not name.endswith(("cls_token", "pos_embed", "mask_token"))
-        key = (layer, decay)
+        part = part_of(name) if part_of is not None else ""
+        key = (part, layer, decay)
         if key not in groups:
             groups[key] = {
                 "params": [],
                 "weight_decay": weight_decay if decay else 0.0,
                 "lr_scale": layer_decay ** (depth + 1 - layer),
+                "part": part,
             }
         groups[key]["params"].append(parameter)
     return list(groups.values())

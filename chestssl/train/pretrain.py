@@ -22,7 +22,12 @@ from chestssl.data.views import ViewConfig
 from chestssl.data.xray.unlabelled import SOURCES as UNLABELLED_SOURCES
 from chestssl.errors import ConfigError
 from chestssl.methods import METHODS, build_method, method_class
+from chestssl.methods.byol import BYOLConfig
 from chestssl.methods.mae import MAEConfig
+from chestssl.methods.moco import MoCoV2Config
+from chestssl.methods.simclr import SimCLRConfig
+from chestssl.methods.spark import SparKConfig
+from chestssl.methods.swav import SwAVConfig
 from chestssl.models.encoders import ENCODERS, architecture, build_encoder
 from chestssl.models.resnet import ResNetConfig
 from chestssl.models.vit import ViTConfig
@@ -59,6 +64,11 @@ class PretrainConfig:
     vit: ViTConfig = field(default_factory=ViTConfig)  # ViT sizes
     resnet: ResNetConfig = field(default_factory=ResNetConfig)  # ResNet sizes
     mae: MAEConfig = field(default_factory=MAEConfig)  # MAE settings
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)  # SimCLR settings
+    mocov2: MoCoV2Config = field(default_factory=MoCoV2Config)  # MoCo v2 settings
+    spark: SparKConfig = field(default_factory=SparKConfig)  # SparK settings
+    byol: BYOLConfig = field(default_factory=BYOLConfig)  # BYOL settings
+    swav: SwAVConfig = field(default_factory=SwAVConfig)  # SwAV settings
     epochs: int = 100  # passes over the unlabelled data
     batch_size: int = 256  # global batch, split across processes
     base_lr: float = 1.5e-4  # learning rate at batch 256 (the run uses base_lr x batch_size / 256)
@@ -70,7 +80,7 @@ class PretrainConfig:
     seed: int = 0  # seed of initialisation, order, augmentation and masks
     num_workers: int = 0  # loader processes reading cached volumes (0: in this process)
     device: str = "auto"  # auto, cpu, cuda or cuda:N
-    checkpoint_every: int = 5  # epochs between checkpoints (at most one a minute; the last epoch always)
+    checkpoint_every: int = 5  # epochs between checkpoints (at most one a minute; the last epoch always; 0: only the last)
     grid_every: int = 10  # epochs between reconstruction grids (0: only the last)
 
     def __post_init__(self) -> None:
@@ -110,6 +120,14 @@ class PretrainConfig:
     def encoder_record(self, image_size: int) -> dict[str, Any]:
         """The architecture record of the encoder this run trains, for inputs of side ``image_size``."""
         return architecture(self.encoder, getattr(self, self.encoder), self.spatial_dims, image_size)
+
+
+def method_views(cls: type, settings: Any, base: ViewConfig) -> tuple[ViewConfig, ...]:
+    """The augmented views a method asks for: its ``view_configs(settings, base)`` (multi-crop, asymmetric
+    views), else ``num_views`` copies of ``base``."""
+    if hasattr(cls, "view_configs"):
+        return tuple(cls.view_configs(settings, base))
+    return (base,) * getattr(cls, "num_views", 1)
 
 
 def build_pretraining(config: PretrainConfig, image_size: int) -> torch.nn.Module:
@@ -167,11 +185,13 @@ def pretrain(config: PretrainConfig) -> Path:
         log.info("pretraining %s on %d unlabelled %s (excluding splits %s) in %d process(es)", config.method,
                  len(inputs), "images" if config.spatial_dims == 2 else "volumes", config.exclude_splits,
                  context.world_size)
-    views = (config.views,) * getattr(method_class(config.method), "num_views", 1)
+    views = method_views(method_class(config.method), config.method_settings(), config.views)
     batches = Batches(inputs, None, config.batch_size, normalisation, views, True, True, context.rank,
                       context.world_size, context.device, config.num_workers)
     torch.manual_seed(config.seed)
     method = build_pretraining(config, image_size).to(context.device)
+    if hasattr(method, "check_dataset"):  # a method that keeps past samples (a queue) checks the data fills it
+        method.check_dataset(len(batches) * batches.batch_size, batches.batch_size)
     lr = config.base_lr * config.batch_size / 256
     log.info("effective learning rate %.3g (base_lr %.3g x batch %d / 256)", lr, config.base_lr, config.batch_size)
     optimizer = torch.optim.AdamW(param_groups(method, config.weight_decay), lr=lr, betas=(0.9, 0.95))

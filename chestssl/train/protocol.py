@@ -35,6 +35,16 @@ INITS = {
     "vit-mae-lung": ("pretrained={pretrained_lung}", "architecture_of=null", "mode=full"),
     "vit-mae-lung-linear": ("pretrained={pretrained_lung}", "architecture_of=null", "mode=linear"),
 }
+# The ResNet-18 pretrained by each CNN method (Wolf et al.'s comparison), with "{pretrained:METHOD}" its encoder
+# file: full fine-tuning, a linear probe, and freeze-then-unfreeze (the encoder frozen for the first epochs, then
+# trained at a tenth of the rate; change freeze_epochs per grid with init_overrides).
+RESNET_METHODS = ("spark", "simclr", "mocov2", "byol", "swav")
+for _method in RESNET_METHODS:
+    _file = "pretrained={pretrained:" + _method + "}"
+    INITS[f"resnet18-{_method}"] = (_file, "architecture_of=null", "mode=full", "layer_decay=1.0", "drop_path=0.0")
+    INITS[f"resnet18-{_method}-linear"] = (_file, "architecture_of=null", "mode=linear")
+    INITS[f"resnet18-{_method}-ft"] = (_file, "architecture_of=null", "mode=full", "layer_decay=1.0", "drop_path=0.0",
+                                       "freeze_epochs=5", "unfreeze_lr_scale=0.1")
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,8 @@ class BenchmarkConfig:
     init_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # key=value settings per initialisation
     fraction_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # key=value settings per label fraction
     fraction_seeds: dict[str, tuple[int, ...]] = field(default_factory=dict)  # seeds for a fraction instead of seeds (more where runs are cheap and noisy)
+    method_pretrained: dict[str, str] = field(default_factory=dict)  # METHOD: an encoder file for the resnet18-METHOD inits instead of pretraining it
+    method_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # METHOD: key=value pretraining settings of the resnet18-METHOD encoder
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.inits) - set(INITS))
@@ -76,6 +88,14 @@ class BenchmarkConfig:
         bad = [f for f in self.fractions if not 0 < f <= 1]
         if bad:
             raise ValueError(f"fractions must be in (0, 1], got {bad}")
+        unknown = sorted((set(self.method_pretrained) | set(self.method_overrides)) - set(RESNET_METHODS))
+        if unknown:
+            raise ValueError(f"method_pretrained / method_overrides name unknown method(s) {unknown}; valid: {list(RESNET_METHODS)}")
+        pretrained_resnets = [i for i in self.inits if i.startswith("resnet18-") and i != "resnet18-scratch"]
+        if "resnet18-scratch" in self.inits and pretrained_resnets and self.pretrain.resnet != self.finetune.resnet:
+            raise ValueError(f"resnet18-scratch is built from finetune.resnet {self.finetune.resnet} but {pretrained_resnets} "
+                             f"from pretrain.resnet {self.pretrain.resnet}: set both alike, or the comparison is not "
+                             "between twins")
         lung_weight = self.pretrain.mae.lung_weight
         if lung_weight is not None and any("{pretrained_lung}" in " ".join(INITS[i]) for i in self.inits):
             raise ValueError(f"pretrain.mae.lung_weight={lung_weight} would make the vit-mae encoder "
@@ -129,6 +149,17 @@ def _encoders(config: BenchmarkConfig) -> tuple[dict[str, str], list[tuple[str, 
                 config.pretrain, run_dir=str(run_dir / folder), data_dir=config.data_dir or config.pretrain.data_dir,
                 mae=dataclasses.replace(config.pretrain.mae, lung_weight=lung_weight))
             encoders[name] = str(run_dir / folder / ENCODER_NAME)
+            pretrainings.append((name, pretrain_config))
+    for method in RESNET_METHODS:
+        name = f"pretrained:{method}"
+        if method in config.method_pretrained:
+            encoders[name] = config.method_pretrained[method]
+        elif any("{" + name + "}" in " ".join(INITS[i]) for i in config.inits):
+            base = to_dict(dataclasses.replace(config.pretrain, run_dir=str(run_dir / f"pretrain_{method}"),
+                                               data_dir=config.data_dir or config.pretrain.data_dir))
+            overrides = [f"method={method}", "encoder=resnet", *config.method_overrides.get(method, ())]
+            pretrain_config = from_dict(PretrainConfig, apply_overrides(base, overrides), where=f"pretraining {method}")
+            encoders[name] = str(run_dir / f"pretrain_{method}" / ENCODER_NAME)
             pretrainings.append((name, pretrain_config))
     return encoders, pretrainings
 

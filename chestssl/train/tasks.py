@@ -56,10 +56,14 @@ class Classification:
         """Probabilities for every sample of ``batches`` (in order, evaluation mode): (N,) or (N, K)."""
         was_training = model.training
         model.eval()
-        outputs = [probabilities(model.logits(batch.images).float(), self.label_kind).cpu()
-                   for batch in batches.epoch(0, 0)]
+        outputs = [self.scores_of(model, batch.images) for batch in batches.epoch(0, 0)]
         model.train(was_training)
-        return torch.cat(outputs).numpy()
+        return np.concatenate(outputs)
+
+    @torch.no_grad()
+    def scores_of(self, model: nn.Module, x: torch.Tensor) -> np.ndarray:
+        """Probabilities of a batch of model inputs (B, C, *S): (B,) or (B, K). ``predict`` uses it too."""
+        return probabilities(model.logits(x).float(), self.label_kind).cpu().numpy()
 
     def metrics(self, labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
         return classification_metrics(labels, scores, self.label_kind)

@@ -241,7 +241,7 @@ def test_unknown_names_and_options() -> None:
         load_dataset("chexpert")
     with pytest.raises(ValueError, match="limt"):
         load_dataset("kermany", limt=3)
-    assert set(DATASETS) == {"pneumoniamnist", "kermany", "nih-cxr14", "folder", "dicom"}
+    assert set(DATASETS) == {"pneumoniamnist", "kermany", "nih-cxr14", "folder", "dicom", "sarscov2-ct", "sarscov2-ct-slices"}
 
 
 def test_unlabelled_excludes_test_and_adds_lungseg(shared_data: Path) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from chestssl.data.batch import Batches, Normalisation
+from chestssl.data.views import ViewConfig
 from chestssl.methods import METHODS, build_method, method_class
 from chestssl.models.encoders import architecture, build_encoder
 from chestssl.models.resnet import ResNetConfig
@@ -17,12 +18,25 @@ from chestssl.train.checkpoint import load_encoder, load_weights, read, save_enc
 from chestssl.train.distributed import Context
 from chestssl.train.loop import Schedule, fit
 from chestssl.train.optim import param_groups
+from chestssl.train.pretrain import method_views
 from chestssl.train.tasks import Classification
 
 SMALL_ENCODERS = {"vit": ViTConfig(patch_size=4, hidden_size=32, depth=1, num_heads=2),
                   "resnet": ResNetConfig(widths=(8, 8, 16, 16))}
 # the smallest settings of each method's own section that still exercise it
-SMALL_SETTINGS = {"mae": {"decoder_hidden_size": 32, "decoder_depth": 1, "decoder_num_heads": 2}}
+SMALL_SETTINGS = {
+    "mae": {"decoder_hidden_size": 32, "decoder_depth": 1, "decoder_num_heads": 2},
+    "simclr": {"projection_hidden_size": 32, "projection_size": 16},
+    "mocov2": {"projection_hidden_size": 32, "projection_size": 16, "queue_size": 32},
+    "spark": {"decoder_width": 16, "mask_cell": 4},
+    "byol": {"projection_hidden_size": 32, "projection_size": 16},
+    "swav": {"projection_hidden_size": 32, "projection_size": 16, "num_prototypes": 16, "local_crops": 2,
+             "local_crop_size": 8, "freeze_prototypes_steps": 2},
+}
+
+
+def _needs_views(cls, settings):
+    return len(method_views(cls, settings, ViewConfig())) > 1
 
 
 def test_unknown_method_lists_the_valid_ones():
@@ -40,7 +54,9 @@ def test_method_contract(name, spatial_dims, tmp_path):
     encoder = build_encoder(architecture(kind, SMALL_ENCODERS[kind], spatial_dims, 16))
     method = build_method(name, encoder, settings)
     images = np.random.default_rng(0).integers(0, 255, size=(8, 1) + (16,) * spatial_dims, dtype=np.uint8)
-    batches = Batches(images, None, 8, Normalisation(), shuffle=False)  # one fixed batch, no augmentation
+    # one fixed batch; a method that needs several views gets them (its own view configs, as in pretraining)
+    views = method_views(cls, settings, ViewConfig()) if _needs_views(cls, settings) else ()
+    batches = Batches(images, None, 8, Normalisation(), views, shuffle=False)
     calls = []
     method.after_step = lambda progress, original=getattr(method, "after_step", None): (
         calls.append(progress.step), original and original(progress))

@@ -32,7 +32,8 @@ def test_a_lung_weighted_vit_mae_encoder_is_refused():
         load_config(BenchmarkConfig, REPO / "configs/lidc32.yaml", ["pretrain.mae.lung_weight=0.5"])
 
 
-def test_two_pretrainings_differ_only_in_the_loss(tmp_path, monkeypatch):
+def recording_runs(monkeypatch):
+    """Pretraining and fine-tuning replaced by recorders of their configs; returns the two lists."""
     pretrained, finetuned = [], []
 
     def fake_pretrain(config):
@@ -47,6 +48,11 @@ def test_two_pretrainings_differ_only_in_the_loss(tmp_path, monkeypatch):
 
     monkeypatch.setattr(protocol, "pretrain", fake_pretrain)
     monkeypatch.setattr(protocol, "finetune", fake_finetune)
+    return pretrained, finetuned
+
+
+def test_two_pretrainings_differ_only_in_the_loss(tmp_path, monkeypatch):
+    pretrained, finetuned = recording_runs(monkeypatch)
     config = load_config(BenchmarkConfig, REPO / "configs/lidc32.yaml",
                          [f"run_dir={tmp_path}", "seeds=[0]", "fractions=[1.0]"])
     protocol.benchmark(config)
@@ -65,3 +71,19 @@ def test_more_seeds_where_runs_are_cheap():
     assert [(f, s) for _, f, s in cells] == [(0.01, 0), (1.0, 0), (0.01, 1), (1.0, 1), (0.01, 2), (0.01, 3)]
     with pytest.raises(ConfigError, match="fraction_seeds"):
         load_config(BenchmarkConfig, None, ["fraction_seeds={0.5: [0]}"])
+
+
+def test_each_cnn_method_gets_its_own_pretraining_and_the_scratch_resnet_is_its_twin(tmp_path, monkeypatch):
+    pretrained, finetuned = recording_runs(monkeypatch)
+    config = load_config(BenchmarkConfig, REPO / "configs/pneumoniamnist28_cnn.yaml",
+                         [f"run_dir={tmp_path}", "seeds=[0]", "fractions=[1.0]", "fraction_seeds={}",
+                          "inits=[resnet18-scratch, resnet18-spark, resnet18-simclr-ft, resnet18-byol-linear]"])
+    protocol.benchmark(config)
+    by_method = {c.method: c for c in pretrained}
+    assert sorted(by_method) == ["byol", "simclr", "spark"] and {c.encoder for c in pretrained} == {"resnet"}
+    assert len({c.resnet for c in pretrained} | {config.finetune.resnet}) == 1  # one architecture for all
+    runs = {Path(c.run_dir).name.split("_f")[0]: c for c in finetuned}
+    assert runs["resnet18-spark"].pretrained == str(Path(by_method["spark"].run_dir) / "encoder.safetensors")
+    assert runs["resnet18-simclr-ft"].freeze_epochs > 0 and runs["resnet18-byol-linear"].mode == "linear"
+    with pytest.raises(ConfigError, match="twins"):
+        load_config(BenchmarkConfig, REPO / "configs/pneumoniamnist28_cnn.yaml", ["pretrain.resnet.small_input=false"])

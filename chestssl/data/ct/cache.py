@@ -103,6 +103,12 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
+def stored_values(image: np.ndarray) -> np.ndarray:
+    """``image`` as a cache stores it (clipped to [0, 1], float16), so what is made on the fly (``predict``) is
+    exactly what training read back."""
+    return np.clip(image, 0, 1).astype(np.float16)
+
+
 def save_volume(path: str | Path, image: np.ndarray, lung: np.ndarray, compress: bool = True) -> None:
     """Write one preprocessed volume atomically (temporary file, then rename): image float16, lung uint8.
 
@@ -117,7 +123,7 @@ def save_volume(path: str | Path, image: np.ndarray, lung: np.ndarray, compress:
     os.close(handle)
     try:
         save = np.savez_compressed if compress else np.savez
-        save(temporary, image=np.clip(image, 0, 1).astype(np.float16), lung=lung.astype(np.uint8))
+        save(temporary, image=stored_values(image), lung=lung.astype(np.uint8))
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -62,7 +62,7 @@ def discover_inputs(config: PrepareCTConfig) -> list[InputItem]:
     for entry in config.inputs:
         items += list(_scan(Path(entry), config.series_uid))
     if config.manifest_csv is not None:
-        items += _read_user_csv(Path(config.manifest_csv))
+        items += read_user_csv(Path(config.manifest_csv))
     sources: dict[str, str] = {}
     for item in items:
         if item.id in sources:
@@ -112,7 +112,8 @@ def _scan(entry: Path, series_uid: str | None) -> Iterator[InputItem]:
     yield from sorted(items, key=lambda item: (item.source, item.series))
 
 
-def _read_user_csv(path: Path) -> list[InputItem]:
+def read_user_csv(path: Path) -> list[InputItem]:
+    """The rows of a user's input CSV (see the module docstring); DataError naming the line of a bad row."""
     try:
         with path.open(newline="") as stream:
             reader = csv.DictReader(stream)

@@ -44,6 +44,8 @@ class CTVolume:
             of voxel axis i in (x, y, z) order. The identity for an axis-aligned scan.
         source_id: a short hash of the SeriesInstanceUID (DICOM) or of the file path; never a
             patient name or ID.
+        source_orientation: the three-letter orientation of the voxel axes as read (``"RAS"`` for a typical
+            NIfTI), so an output on this grid can be turned back into the source scan's own geometry.
     """
 
     hu: np.ndarray
@@ -51,6 +53,7 @@ class CTVolume:
     origin: tuple[float, float, float]
     direction: tuple[float, ...]
     source_id: str
+    source_orientation: str = CANONICAL_ORIENTATION
 
     def __post_init__(self) -> None:
         if self.hu.ndim != 3 or self.hu.dtype not in (np.int16, np.float32):
@@ -118,6 +121,7 @@ def to_volume(image: sitk.Image, source_id: str, path: Path) -> CTVolume:
             f"{path}: expected a 3D scalar volume, got {image.GetDimension()}D with "
             f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel"
         )
+    source_orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
     image = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
     values = sitk.GetArrayFromImage(image)  # (z, y, x)
     _check_finite(values, path)
@@ -134,6 +138,7 @@ def to_volume(image: sitk.Image, source_id: str, path: Path) -> CTVolume:
         origin=tuple(float(o) for o in image.GetOrigin()),
         direction=tuple(float(d) for d in image.GetDirection()),
         source_id=source_id,
+        source_orientation=source_orientation,
     )
 
 

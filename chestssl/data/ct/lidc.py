@@ -34,6 +34,11 @@ SIDECAR = "nodules.csv"
 SIDECAR_COLUMNS = ["id", "patient_id", "diagnosis", "malignancy_value", "diameter_mm", "nodule_ml", "nodule_kept",
                    "inside_fraction", "lung_fraction"]
 SPLITS = ("train", "val", "test")
+# How a nodule's label is read from the index. "malignancy", the common LIDC protocol: the radiologists' aggregate
+# malignancy score (Malignancy_value, 1-5) below 3 is benign, above 3 malignant, exactly 3 indeterminate and left
+# unlabelled (377 / 255 / 364 of the 996 rows). "max-vote": the index's Diagnosis (the raters' majority), which
+# labels every nodule, the 364 indeterminate ones included, and calls 40 nodules scored 1-2 malignant.
+LABEL_RULES = ("malignancy", "max-vote")
 
 
 def lidc_folder(data_dir: str | Path | None) -> Path:
@@ -80,6 +85,19 @@ def lidc_splits(rows: list[dict[str, str]], seed: int = 0,
     return names
 
 
+def nodule_label(row: dict[str, str], rule: str = "malignancy") -> str:
+    """"1" malignant, "0" benign, or "" (unlabelled: an indeterminate score 3 under ``rule="malignancy"``)."""
+    if rule == "max-vote":
+        return str(int(row["Diagnosis"] == "Malign"))
+    if rule != "malignancy":
+        raise ValueError(f"label rule must be one of {LABEL_RULES}, got {rule!r}")
+    try:
+        score = float(row["Malignancy_value"])
+    except (KeyError, ValueError) as error:
+        raise DataError(f"LIDC index row {row.get('file', '?')}: no numeric Malignancy_value ({error})") from error
+    return "" if score == 3 else str(int(score > 3))
+
+
 def nodule_id(row: dict[str, str]) -> str:
     """The cache id of an index row: a short hash of its VOI file name."""
     return short_hash(f"lidc-idri/{row['file']}")
@@ -88,13 +106,15 @@ def nodule_id(row: dict[str, str]) -> str:
 def build_lidc_nodules(
     data_dir: str | Path, cache_dir: str | Path, size: int = 32, spacing_mm: float = 1.0, hu_low: float = -1000.0,
     hu_high: float = 400.0, split_seed: int = 0, split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
-    workers: int = 1, limit: int | None = None,
+    workers: int = 1, limit: int | None = None, labels: str = "malignancy",
 ) -> Path:
     """Write a cube per index row (:func:`~chestssl.data.ct.nodule_cube.nodule_cube`, saved with ``lung`` =
     :func:`~chestssl.data.ct.nodule_cube.lung_region`) and the manifest.
 
-    Manifest rows: label 1 Malign / 0 Benign, patient_id from the index, split from :func:`lidc_splits` on the
-    whole index (so ``limit`` does not change it); rows that cannot be built are ``failed`` with the reason.
+    Manifest rows: label 1 malignant / 0 benign by ``labels`` (:data:`LABEL_RULES`; empty for an indeterminate
+    nodule, which stays in the cache as unlabelled data for pretraining), patient_id from the index, split from
+    :func:`lidc_splits` on the whole index (the same for either label rule, so ``limit`` does not change it either);
+    rows that cannot be built are ``failed`` with the reason.
     ``nodules.csv`` beside it keeps diameter, malignancy rating and cube statistics. A re-run skips ok rows, keeps
     rows of other writers (:func:`~chestssl.data.ct.patches.ct_patches`) and refuses a cache made with other cube
     settings.
@@ -106,6 +126,7 @@ def build_lidc_nodules(
         split_seed, split_fractions: the split, see :func:`lidc_splits`.
         workers: processes building cubes (about 12 s for all 994 with 2 on a 2-core machine).
         limit: build only this many index rows, spread evenly over the index (for tests).
+        labels: the label rule, recorded with the cache: a cache labelled by another rule is refused.
 
     Returns:
         The manifest path.
@@ -113,23 +134,26 @@ def build_lidc_nodules(
     Raises:
         CacheBusyError: another process is writing to ``cache_dir`` (its write lock is held while building).
     """
+    if labels not in LABEL_RULES:
+        raise ValueError(f"labels must be one of {LABEL_RULES}, got {labels!r}")
     data_dir, cache_dir = lidc_folder(data_dir), Path(cache_dir)
     with cache_lock(cache_dir):
         return _build_locked(data_dir, cache_dir, size, spacing_mm, hu_low, hu_high, split_seed, split_fractions,
-                             workers, limit)
+                             workers, limit, labels)
 
 
 def _build_locked(data_dir: Path, cache_dir: Path, size: int, spacing_mm: float, hu_low: float, hu_high: float,
                   split_seed: int, split_fractions: tuple[float, float, float], workers: int,
-                  limit: int | None) -> Path:
+                  limit: int | None, labels: str) -> Path:
     """:func:`build_lidc_nodules` once the cache's write lock is held."""
     index = read_index(data_dir)
     splits = lidc_splits(index, split_seed, split_fractions)
-    settings = {"size": int(size), "spacing_mm": float(spacing_mm), "hu_low": float(hu_low), "hu_high": float(hu_high)}
+    settings = {"size": int(size), "spacing_mm": float(spacing_mm), "hu_low": float(hu_low), "hu_high": float(hu_high),
+                "labels": labels}
     _check_settings(cache_dir, {"modality": "ct", "spatial_dims": 3, "channels": 1, "size": int(size), "axes": "zyx",
                                 "spacing_mm": float(spacing_mm), "hu_window": [float(hu_low), float(hu_high)],
                                 "value_range": [0.0, 1.0], "crop": "nodule-centred cube, air padding",
-                                "orientation": "LPS"})
+                                "orientation": "LPS", "labels": labels})
     spread = np.unique(np.linspace(0, len(index) - 1, limit or 1).round().astype(int))  # rows spread evenly
     chosen = range(len(index)) if limit is None else spread
     rows = {row["id"]: row for row in read_manifest(cache_dir)}
@@ -159,14 +183,14 @@ def _build_one(task: tuple[dict[str, str], Path, Path, dict]) -> tuple[dict[str,
     """(manifest row, sidecar row or None) for one index row; the cube is saved on success."""
     row, data_dir, cache_dir, settings = task
     key, image_path, mask_path = nodule_id(row), data_dir / IMAGES / row["file"], data_dir / MASKS / row["file"]
-    manifest = {"id": key, "source": f"{IMAGES}/{row['file']}", "label": str(int(row["Diagnosis"] == "Malign")),
+    manifest = {"id": key, "source": f"{IMAGES}/{row['file']}", "label": nodule_label(row, settings["labels"]),
                 "patient_id": row["patient_id"], "status": "failed"}
     if not image_path.is_file():
         mask_note = "its nodule mask is there" if mask_path.is_file() else "nor a nodule mask"
         return manifest | {"reason": f"no VOI image {image_path.name} in the data ({mask_note})"}, None
     try:
         image = read_ct(image_path)
-        quiet = _NotHU()
+        quiet = MaskReadFilter()
         logging.getLogger("chestssl.data.ct.io").addFilter(quiet)
         try:
             mask = read_ct(mask_path)
@@ -190,7 +214,7 @@ def _build_one(task: tuple[dict[str, str], Path, Path, dict]) -> tuple[dict[str,
     return manifest, sidecar
 
 
-class _NotHU(logging.Filter):
+class MaskReadFilter(logging.Filter):
     """Drops read_ct's "no value below 0 HU" warning, which is meant for images, while a mask is read."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -231,12 +255,13 @@ if __name__ == "__main__":
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--labels", choices=LABEL_RULES, default="malignancy")
     parser.add_argument("--patches-from", nargs="*", default=(), help="full chest CTs to add lung crops from")
     parser.add_argument("--patches-per-volume", type=int, default=32)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     manifest = build_lidc_nodules(args.data_dir, args.cache_dir, args.size, args.spacing_mm,
-                                  split_seed=args.split_seed, workers=args.workers, limit=args.limit)
+                                  split_seed=args.split_seed, workers=args.workers, limit=args.limit, labels=args.labels)
     if args.patches_from:
         manifest = ct_patches(args.patches_from, args.cache_dir, args.patches_per_volume, seed=args.split_seed)
     counts = Counter((row["status"], row["split"], row["label"]) for row in read_manifest(args.cache_dir))

@@ -35,6 +35,8 @@ class NoduleCube:
     nodule: np.ndarray
     inside: np.ndarray
     nodule_kept: float  # share of the resampled nodule mask inside the cube (< 1 only for nodules wider than S)
+    start: tuple[int, ...] = ()  # the cube's first voxel in the VOI resampled to spacing_mm (may be negative)
+    resampled_shape: tuple[int, ...] = ()  # the shape of that resampled VOI
 
 
 def lung_region(hu: np.ndarray, nodule: np.ndarray, spacing_mm: float) -> np.ndarray:
@@ -87,4 +89,4 @@ def nodule_cube(hu: np.ndarray, mask: np.ndarray, spacing: Sequence[float], size
         cubes[name] = np.full((size,) * 3, fill, dtype=volume.dtype)  # (S, S, S)
         cubes[name][target] = volume[source]
     return NoduleCube(window_hu(cubes["hu"], hu_low, hu_high), cubes["lung"], cubes["nodule"], cubes["inside"],
-                      float(cubes["nodule"].sum() / nodule_iso.sum()))
+                      float(cubes["nodule"].sum() / nodule_iso.sum()), tuple(int(v) for v in start), hu_iso.shape)

@@ -24,7 +24,7 @@ from chestssl.data.ct.io import CANONICAL_ORIENTATION, CTVolume
 from chestssl.data.ct.lung_mask import lung_mask
 from chestssl.errors import DataError
 
-__all__ = ["LUNG_MASK_SPACING_MM", "TOO_SMALL", "PrepareCTConfig", "anti_alias", "preprocess_volume",
+__all__ = ["LUNG_MASK_SPACING_MM", "TOO_SMALL", "PrepareCTConfig", "anti_alias", "cube_to_scan", "preprocess_volume",
            "preprocessing_record", "read_mask"]
 
 LUNG_MASK_SPACING_MM = 3.0  # the mask is made at 3 mm: Dice 0.98 against 1.5 mm on the real chests, 4x faster
@@ -118,7 +118,8 @@ def preprocess_volume(
 
     Returns:
         image float32 (S, S, S) in [0, 1], lung bool (S, S, S), and info: ``lung_ml`` (mask volume),
-        ``resampled_shape`` and ``crop_shape`` (voxels at ``spacing_mm``), ``mask`` ("auto" or "user").
+        ``resampled_shape`` and ``crop_shape`` (voxels at ``spacing_mm``), ``crop_start`` (the crop's first voxel
+        in the resampled grid), ``mask`` ("auto" or "user").
 
     Raises:
         DataError: the values are not HU ("not HU"); the automatic mask holds less than ``min_lung_ml``
@@ -144,8 +145,39 @@ def preprocess_volume(
     image = resize_to_cube(anti_alias(image, [n / config.size for n in crop_shape]), config.size)
     lung_cube = resize_to_cube(lung[box], config.size, is_mask=True)  # (S, S, S) nearest
     info = {"lung_ml": lung_ml, "resampled_shape": hu.shape, "crop_shape": crop_shape,
+            "crop_start": tuple(int(cut.start) for cut in box),
             "mask": "auto" if mask is None else "user"}
     return np.clip(image, 0.0, 1.0), lung_cube, info
+
+
+def cube_to_scan(cube: np.ndarray, volume: CTVolume, spacing_mm: float, crop_start: tuple[int, ...],
+                 crop_shape: tuple[int, ...], resampled_shape: tuple[int, ...]) -> sitk.Image:
+    """A map on the model's cube (S, S, S) carried back onto the grid of the scan as it was read.
+
+    The steps of :func:`preprocess_volume` (and of a nodule cube) undone in reverse: the cube is resized to the
+    crop (``crop_shape`` voxels at ``spacing_mm``), put at ``crop_start`` in the resampled grid
+    (``resampled_shape``; outside it the map is 0), resampled to the scan's spacing and shape, and given the scan's
+    origin, direction and original axis order (``volume.source_orientation``), so it opens over the source scan
+    in a viewer. Every resampling shares the grids' outer corner, as the forward steps do. A bool cube (a mask)
+    is resampled nearest and comes back uint8.
+    """
+    is_mask = cube.dtype == bool
+    size = np.array(cube.shape, dtype=float)
+    crop = resample(cube if is_mask else cube.astype(np.float32), tuple(np.array(crop_shape) / size), (1.0,) * 3,
+                    "linear", shape_out=crop_shape)
+    grid = np.zeros(resampled_shape, dtype=crop.dtype)  # (z, y, x) at spacing_mm
+    source, target = [], []
+    for start, length, extent in zip(crop_start, crop_shape, resampled_shape):
+        low, high = max(0, start), min(extent, start + length)
+        source.append(slice(low - start, max(low, high) - start))
+        target.append(slice(low, max(low, high)))
+    grid[tuple(target)] = crop[tuple(source)]
+    values = resample(grid, (spacing_mm,) * 3, volume.spacing, "linear", shape_out=volume.hu.shape)
+    image = sitk.GetImageFromArray(values.astype(np.uint8) if is_mask else values.astype(np.float32))
+    image.SetSpacing(tuple(float(s) for s in volume.spacing[::-1]))
+    image.SetOrigin(volume.origin)
+    image.SetDirection(volume.direction)
+    return sitk.DICOMOrient(image, volume.source_orientation)
 
 
 def anti_alias(volume: np.ndarray, factors: list[float]) -> np.ndarray:

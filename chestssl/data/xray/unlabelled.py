@@ -24,7 +24,9 @@ from chestssl.errors import DataError
 logger = logging.getLogger(__name__)
 
 LUNGSEG = "cxr-lungseg"
-SOURCES = tuple(name for name in DATASETS if name not in ("folder", "dicom")) + (LUNGSEG,)  # no options needed
+# every named dataset that needs no options; not the slice-level split of sarscov2-ct, whose training split holds
+# slices of sarscov2-ct's test patients
+SOURCES = tuple(name for name in DATASETS if name not in ("folder", "dicom", "sarscov2-ct-slices")) + (LUNGSEG,)
 
 
 def _load_lungseg(data_dir: Path, image_size: int) -> np.ndarray:

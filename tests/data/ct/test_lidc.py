@@ -2,7 +2,7 @@
 
 import csv
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ from scipy import ndimage as ndi
 from chestssl.data.ct.ops import window_hu
 from chestssl.data.ct.io import read_ct
 from chestssl.data.ct.patches import ct_patches
-from chestssl.data.ct.lidc import INDEX, SIDECAR, build_lidc_nodules, lidc_splits, nodule_id, read_index
+from chestssl.data.ct.lidc import INDEX, SIDECAR, build_lidc_nodules, lidc_splits, nodule_id, nodule_label, read_index
 from chestssl.data.ct.nodule_cube import nodule_cube
 from chestssl.data.ct.cache import load_volume, read_manifest
 from chestssl.errors import DataError
@@ -61,11 +61,12 @@ def test_a_thin_voi_is_centred_and_padded_with_air(lidc_dir):
 
 
 def test_labels_and_patients_come_from_the_index(cache, index):
+    """The default rule is the common protocol: score < 3 benign, > 3 malignant, 3 unlabelled."""
     by_id = {nodule_id(row): row for row in index}
     for row in read_manifest(cache):
-        source = by_id[row["id"]]
-        assert row["label"] == {"Benign": "0", "Malign": "1"}[source["Diagnosis"]]
-        assert row["patient_id"] == source["patient_id"]
+        score = float(by_id[row["id"]]["Malignancy_value"])
+        assert row["label"] == ("0" if score < 3 else "1" if score > 3 else "")
+        assert row["patient_id"] == by_id[row["id"]]["patient_id"]
     with (cache / SIDECAR).open() as stream:
         sidecar = list(csv.DictReader(stream))
     assert {row["diagnosis"] for row in sidecar} <= {"Benign", "Malign"} and len(sidecar) == LIMIT
@@ -148,3 +149,15 @@ def test_ct_patches_are_made_like_the_cubes_and_mostly_lung(shared_data, cache, 
     assert read_manifest(patches) == manifest
     with pytest.raises(DataError, match="no preprocessing.json"):
         ct_patches([chest], tmp_path / "empty")
+
+
+def test_the_label_rules_count_as_published_and_a_cache_keeps_its_rule(lidc_dir, tmp_path):
+    index = read_index(lidc_dir)
+    counts = Counter(nodule_label(row) for row in index)
+    assert (counts["0"], counts["1"], counts[""]) == (377, 255, 364)  # benign, malignant, indeterminate (score 3)
+    max_vote = Counter(nodule_label(row, "max-vote") for row in index)
+    assert max_vote[""] == 0 and sum(nodule_label(row, "max-vote") == "1" and float(row["Malignancy_value"]) < 3
+                                     for row in index) == 40  # scored 1-2 yet malignant by max vote
+    build_lidc_nodules(lidc_dir, tmp_path, limit=4, labels="max-vote")
+    with pytest.raises(DataError, match="another cache_dir"):
+        build_lidc_nodules(lidc_dir, tmp_path, limit=4)
