@@ -146,19 +146,22 @@ class MAE(nn.Module):
         return self.forward_loss(x, prediction, mask, batch.lung_mask)
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, mask: torch.Tensor, denormalise: bool = True) -> torch.Tensor:
         """Images rebuilt from the visible patches: (B, C, *S), visible patches pasted back in.
 
-        With a normalised-pixel target the prediction is de-normalised with each true patch's mean and std,
-        as the MAE visualisation does, so the picture shows structure rather than the patch statistics.
+        With a normalised-pixel target the prediction is de-normalised with each true patch's mean and std, as
+        the MAE visualisation does, which hands the picture each hidden patch's brightness and contrast; with
+        ``denormalise=False`` every patch, predicted or visible, is shown normalised: only what the model predicts.
         """
         patch_size = self.encoder.config.patch_size
         prediction = self.forward_decoder(self.forward_encoder(x, mask), mask).float()
         target = patchify(x, patch_size).float()
-        if self.config.norm_pix_loss:
+        if self.config.norm_pix_loss and denormalise:
             mean = target.mean(dim=-1, keepdim=True)
             std = (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
             prediction = prediction * std + mean
+        elif self.config.norm_pix_loss:
+            target = normalise_patches(target)
         merged = torch.where(mask.unsqueeze(-1), prediction, target)
         return unpatchify(merged, patch_size, x.shape[2:], self.encoder.in_channels)
 
@@ -171,4 +174,7 @@ class MAE(nn.Module):
         patches = patchify(x, patch_size)
         hidden = torch.where(mask.unsqueeze(-1), torch.full_like(patches, float(x.min())), patches)
         masked = unpatchify(hidden, patch_size, x.shape[2:], x.shape[1])
-        return {"original": x, "masked": masked, "reconstruction": self.reconstruct(x, mask)}
+        panels = {"original": x, "masked": masked, "reconstruction": self.reconstruct(x, mask)}
+        if self.config.norm_pix_loss:  # the reconstruction borrows each hidden patch's true mean and std
+            panels["prediction (patches normalised)"] = self.reconstruct(x, mask, denormalise=False)
+        return panels

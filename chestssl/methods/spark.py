@@ -216,20 +216,24 @@ class SparK(nn.Module):
         return self.forward_loss(x, prediction, mask), {"deepest_visible": deepest_visible}
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, mask: torch.Tensor, denormalise: bool = True) -> torch.Tensor:
         """Images rebuilt from the visible cells: (B, C, *S), visible cells pasted back in.
 
         With a normalised-pixel target the prediction is de-normalised with each true cell's mean and std (as
-        MAE's visualisation does), so the picture shows structure rather than the cell statistics.
+        MAE's visualisation does), which hands the picture each hidden cell's brightness and contrast; with
+        ``denormalise=False`` every cell, predicted or visible, is shown normalised instead: only what the model
+        predicts.
         """
         cell = self.mask_cell
         stages, visibilities = self.forward_encoder(x, mask)
         prediction = patchify(self.forward_decoder(stages, visibilities, x.shape[2:]).float(), cell)  # (B, L, P)
         target = patchify(x.float(), cell)
-        if self.config.norm_pix_loss:
+        if self.config.norm_pix_loss and denormalise:
             mean = target.mean(dim=-1, keepdim=True)
             std = (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
             prediction = prediction * std + mean
+        elif self.config.norm_pix_loss:
+            target = normalise_patches(target)
         merged = torch.where(mask.unsqueeze(-1), prediction, target)
         return unpatchify(merged, cell, x.shape[2:], x.shape[1])
 
@@ -241,4 +245,7 @@ class SparK(nn.Module):
         cells = patchify(x, self.mask_cell)
         hidden = torch.where(mask.unsqueeze(-1), torch.full_like(cells, float(x.min())), cells)
         masked = unpatchify(hidden, self.mask_cell, x.shape[2:], x.shape[1])
-        return {"original": x, "masked": masked, "reconstruction": self.reconstruct(x, mask)}
+        panels = {"original": x, "masked": masked, "reconstruction": self.reconstruct(x, mask)}
+        if self.config.norm_pix_loss:  # the reconstruction borrows each hidden cell's true mean and std
+            panels["prediction (cells normalised)"] = self.reconstruct(x, mask, denormalise=False)
+        return panels

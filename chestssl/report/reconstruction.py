@@ -28,7 +28,8 @@ def save_reconstruction_grid(panels: dict[str, torch.Tensor], path: str | Path, 
     """Write a PNG with one row per sample (and view) and one column per panel, in the dict's order.
 
     Args:
-        panels: name -> (B, C, *S) tensor, all on the intensity scale of the first; channel 0 is shown.
+        panels: name -> (B, C, *S) tensor, all on the intensity scale of the first except panels whose name
+            says "normalised" (per-patch normalised values, shown from -2 to 2); channel 0 is shown.
         path: PNG to write.
     """
     columns = list(panels.values())
@@ -42,9 +43,10 @@ def save_reconstruction_grid(panels: dict[str, torch.Tensor], path: str | Path, 
     high = float(original.max())
     height = 1.5 * len(rows) + 0.4  # inches; the top 0.4 for the title
     figure, axes = plt.subplots(len(rows), len(columns), figsize=(1.6 * len(columns), height), squeeze=False)
+    scales = [(-2.0, 2.0) if "normalised" in panel else (low, high) for panel in panels]
     for row, images, name in zip(axes, rows, names):
-        for axis, image in zip(row, images):
-            axis.imshow(image, cmap="gray", vmin=low, vmax=high)
+        for axis, image, (vmin, vmax) in zip(row, images, scales):
+            axis.imshow(image, cmap="gray", vmin=vmin, vmax=vmax)
             axis.set_xticks([])
             axis.set_yticks([])
         row[0].set_ylabel(name, fontsize=7)

@@ -51,3 +51,18 @@ def test_lung_weighted_mae_needs_and_uses_the_lung_mask():
     no_lung = mae(Batch(x, lung_mask=torch.zeros(2, 1, 16, 16, 16)), mask)
     all_lung = mae(Batch(x, lung_mask=torch.ones(2, 1, 16, 16, 16)), mask)
     assert torch.allclose(no_lung, 0.01 * all_lung, rtol=1e-4)  # the same patches, weighted 0.01 when not lung
+
+
+def test_the_normalised_panel_shows_only_the_prediction():
+    """The reconstruction borrows each hidden patch's true mean and std; the normalised panel must not: changing
+    what a hidden patch holds (which the encoder never sees) changes the first, not the second."""
+    torch.manual_seed(0)
+    mae = MAE(ViT(ViTConfig(patch_size=4, hidden_size=32, depth=1, num_heads=2), image_size=16), MAEConfig(32, 1, 2))
+    mae.eval()
+    x = torch.randn(1, 1, 16, 16)
+    mask = torch.zeros(1, 16, dtype=torch.bool)
+    mask[0, :12] = True  # the first 12 patches hidden (rows 0-2 of the 4 x 4 grid)
+    changed = x.clone()
+    changed[..., :4, :] = changed[..., :4, :] * 3 + 5  # the top row of patches, all hidden
+    assert not torch.allclose(mae.reconstruct(x, mask), mae.reconstruct(changed, mask))
+    assert torch.allclose(mae.reconstruct(x, mask, denormalise=False), mae.reconstruct(changed, mask, denormalise=False))

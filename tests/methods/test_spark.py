@@ -178,7 +178,7 @@ def test_forward_and_preview_shapes(spatial_dims):
     assert all(p.grad is not None for p in spark.parameters())
     spark.eval()
     panels = spark.preview(Batch(x), torch.Generator().manual_seed(0))
-    assert set(panels) == {"original", "masked", "reconstruction"}
+    assert set(panels) == {"original", "masked", "reconstruction", "prediction (cells normalised)"}
     assert all(panel.shape == x.shape for panel in panels.values())
     mask = spark.make_mask(x, torch.Generator().manual_seed(0))  # the preview's mask
     kept = patchify(panels["reconstruction"], spark.mask_cell)[~mask]
