@@ -28,7 +28,8 @@ OVERLAY_SIDE = 1024
 ALPHA = 0.4
 
 
-def _resize(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def resize_map(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A 2D map (h, w) resized bilinearly to ``shape`` (H, W), float32."""
     tensor = torch.from_numpy(values.astype(np.float32))[None, None]
     return F.interpolate(tensor, size=shape, mode="bilinear", align_corners=False)[0, 0].numpy()
 
@@ -48,21 +49,29 @@ def _overlay(panels: list[tuple[np.ndarray, np.ndarray]], title: str, path: Path
 def write_xray_heatmap(folder: Path, prepared: Prepared, heat: np.ndarray, title: str) -> list[Path]:
     """Heat map (S, S) in [0, 1] of one X-ray, resized to the decoded image and written with its overlay."""
     original = prepared.original
-    full = np.clip(_resize(heat, original.shape), 0, 1)  # (H, W)
+    full = in_source_geometry(prepared, heat)  # (H, W)
     heatmap_path = folder / f"{prepared.input.id}_heatmap.png"
     Image.fromarray(np.round(full * 255).astype(np.uint8)).save(heatmap_path)
     scale = min(1.0, OVERLAY_SIDE / max(original.shape))
     shown = tuple(max(1, round(n * scale)) for n in original.shape)
     overlay_path = folder / f"{prepared.input.id}_overlay.png"
-    _overlay([(_resize(original, shown), _resize(full, shown))], title, overlay_path)
+    _overlay([(resize_map(original, shown), resize_map(full, shown))], title, overlay_path)
     return [heatmap_path, overlay_path]
+
+
+def in_source_geometry(prepared: Prepared, heat: np.ndarray) -> np.ndarray | sitk.Image:
+    """A heat map on the model's input carried to the input's own geometry: the decoded X-ray's (H, W) array, or a
+    SimpleITK image on the CT's source grid."""
+    if prepared.volume is None:
+        return np.clip(resize_map(heat, prepared.original.shape), 0, 1)
+    g = prepared.geometry
+    return cube_to_scan(heat.astype(np.float32), prepared.volume, g["spacing_mm"], g["crop_start"], g["crop_shape"],
+                        g["resampled_shape"])
 
 
 def write_ct_heatmap(folder: Path, prepared: Prepared, heat: np.ndarray, title: str) -> list[Path]:
     """Heat map (S, S, S) in [0, 1] of one CT cube, carried back onto the source scan, with its overlay."""
-    geometry = prepared.geometry
-    image = cube_to_scan(heat.astype(np.float32), prepared.volume, geometry["spacing_mm"], geometry["crop_start"],
-                         geometry["crop_shape"], geometry["resampled_shape"])
+    image = in_source_geometry(prepared, heat)
     heatmap_path = folder / f"{prepared.input.id}_heatmap.nii.gz"
     sitk.WriteImage(image, str(heatmap_path), useCompression=True)
     cube = prepared.pixels  # (D, H, W), axial slices in the radiological convention

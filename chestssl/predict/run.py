@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from chestssl.errors import DataError
 from chestssl.predict.inputs import Input, find_inputs
-from chestssl.predict.outputs import write_ct_heatmap, write_xray_heatmap
+from chestssl.predict.outputs import in_source_geometry, write_ct_heatmap, write_xray_heatmap
 from chestssl.predict.prepare import Prepared, Recipe, prepare, recipe_of
 from chestssl.predict.saliency import saliency
 from chestssl.train.distributed import pick_device
@@ -175,20 +175,9 @@ class Predictor:
             for item, outcome in zip(inputs[start : start + batch_size], chunk):
                 prediction = outcome if isinstance(outcome, Prediction) else done[item.id]
                 if heatmap and prediction.status == "ok":
-                    prediction.heatmap = _in_source_geometry(outcome, prediction.heatmap)
+                    prediction.heatmap = in_source_geometry(outcome, prediction.heatmap)
                 results.append(prediction)
         return results
-
-
-def _in_source_geometry(prepared: Prepared, heat: np.ndarray) -> Any:
-    from chestssl.data.ct.preprocess import cube_to_scan
-    from chestssl.predict.outputs import _resize
-
-    if prepared.volume is None:
-        return np.clip(_resize(heat, prepared.original.shape), 0, 1)
-    g = prepared.geometry
-    return cube_to_scan(heat.astype(np.float32), prepared.volume, g["spacing_mm"], g["crop_start"], g["crop_shape"],
-                        g["resampled_shape"])
 
 
 def load_model(path: str | Path, device: str = "auto") -> Predictor:
