@@ -145,7 +145,7 @@ def test_npz_with_wrong_counts_is_rejected(tmp_path: Path) -> None:
 
 def test_kermany_subset_at_28_and_cache(shared_data: Path, private_cache: Path, caplog) -> None:
     first = load_dataset("kermany", shared_data, image_size=28, limit=300)
-    assert first.images.shape == (300, 1, 28, 28) and first.images.dtype == np.uint8
+    assert first.images.shape == (296, 1, 28, 28) and first.images.dtype == np.uint8  # 300 rows, 4 of overlap patients
     assert set(first.split) == {"train", "test"} and set(np.unique(first.labels)) == {0, 1}
     assert first.class_names == ("normal", "pneumonia") and first.patient_ids[0].startswith("IM-")
     (cache_file,) = private_cache.glob("kermany-28px-*.npz")
@@ -250,3 +250,19 @@ def test_unlabelled_excludes_test_and_adds_lungseg(shared_data: Path) -> None:
     assert "test" not in set(data.split) and (data.labels == -1).all() and data.class_names == ()
     with pytest.raises(ValueError, match="cxr-lungseg"):
         load_unlabelled(["folder"], shared_data)
+
+
+def test_kermany_children_in_both_official_splits_are_kept_out_of_training(shared_data):
+    import csv
+
+    from chestssl.data.xray.sources import kermany_disjoint
+
+    rows = list(csv.DictReader(open(shared_data / "kermany-224" / "labels.csv")))
+    split = np.array([row["split"] for row in rows])
+    patients = np.array([row["patient_key"] for row in rows])
+    keep = kermany_disjoint(split, patients)
+    assert (~keep).sum() == 457 and len(set(patients[~keep])) == 170  # the overlap the data README reports
+    assert not set(patients[keep & (split == "train")]) & set(patients[split == "test"])
+    assert keep[split == "test"].all()
+    data = load_dataset("kermany", shared_data, image_size=8, limit=400)  # the loader applies it
+    assert not set(data.patient_ids[data.split == "train"]) & set(data.patient_ids[data.split == "test"])

@@ -169,14 +169,26 @@ def _load_table(
 def _load_kermany(data_dir: Path, image_size: int | None, on_error: str, *, limit: int | None = None) -> ImageDataset:
     """Kermany pediatric pneumonia X-rays (``kermany-224/``): official train/test split, no val; patient_key ids.
 
-    The Kermany test split is the PneumoniaMNIST test set: never pretrain on it.
+    The Kermany test split is the PneumoniaMNIST test set: never pretrain on it. 170 patient keys (from the file
+    names) appear in both official splits (457 training images): they are taken to be the same children, and
+    their training images are dropped, so no child is in training (or pretraining) and test.
     """
     root = data_dir / "kermany-224"
     dataset, _ = _load_table(
         "kermany", root, root / "labels.csv", image_size or 224, on_error,
         class_names=("normal", "pneumonia"), patient_column="patient_key", limit=limit,
     )
-    return dataset
+    keep = kermany_disjoint(dataset.split, dataset.patient_ids)
+    if not keep.all():
+        logger.info("kermany: %d training images of %d patients who are also in the test split dropped",
+                    int((~keep).sum()), len(set(dataset.patient_ids[~keep])))
+    return dataset.subset(np.flatnonzero(keep))
+
+
+def kermany_disjoint(split: np.ndarray, patient_ids: np.ndarray) -> np.ndarray:
+    """bool (N,): False for the non-test images of patients who also have a test image."""
+    tested = set(patient_ids[split == "test"])
+    return (split == "test") | ~np.isin(patient_ids, list(tested))
 
 
 def _load_nih(data_dir: Path, image_size: int | None, on_error: str, *, limit: int | None = None) -> ImageDataset:
