@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from chestssl.methods.byol import BYOL
+from chestssl.methods.groupmask import GroupMask
 from chestssl.methods.mae import MAE
 from chestssl.methods.moco import MoCoV2
 from chestssl.methods.simclr import SimCLR
@@ -29,6 +30,7 @@ METHODS: dict[str, type[nn.Module]] = {
     "spark": SparK,
     "byol": BYOL,
     "swav": SwAV,
+    "groupmask": GroupMask,
 }
 
 

@@ -23,6 +23,7 @@ from chestssl.data.xray.unlabelled import SOURCES as UNLABELLED_SOURCES
 from chestssl.errors import ConfigError
 from chestssl.methods import METHODS, build_method, method_class
 from chestssl.methods.byol import BYOLConfig
+from chestssl.methods.groupmask import GroupMaskConfig
 from chestssl.methods.mae import MAEConfig
 from chestssl.methods.moco import MoCoV2Config
 from chestssl.methods.simclr import SimCLRConfig
@@ -69,6 +70,7 @@ class PretrainConfig:
     spark: SparKConfig = field(default_factory=SparKConfig)  # SparK settings
     byol: BYOLConfig = field(default_factory=BYOLConfig)  # BYOL settings
     swav: SwAVConfig = field(default_factory=SwAVConfig)  # SwAV settings
+    groupmask: GroupMaskConfig = field(default_factory=GroupMaskConfig)  # group-masking settings
     epochs: int = 100  # passes over the unlabelled data
     batch_size: int = 256  # global batch, split across processes
     base_lr: float = 1.5e-4  # learning rate at batch 256 (the run uses base_lr x batch_size / 256)

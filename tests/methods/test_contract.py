@@ -32,7 +32,17 @@ SMALL_SETTINGS = {
     "byol": {"projection_hidden_size": 32, "projection_size": 16},
     "swav": {"projection_hidden_size": 32, "projection_size": 16, "num_prototypes": 16, "local_crops": 2,
              "local_crop_size": 8, "freeze_prototypes_steps": 2},
+    "groupmask": {"head_hidden_size": 32},
 }
+
+
+def smooth_images(count, spatial_dims, side=16):
+    """uint8 (count, 1, side^dims): random 4^dims grids upsampled, so a hidden region follows from its neighbours
+    (independent noise pixels would leave a reconstruction method nothing to learn in a few steps)."""
+    coarse = torch.from_numpy(np.random.default_rng(0).random((count, 1) + (4,) * spatial_dims, dtype=np.float32))
+    mode = "bilinear" if spatial_dims == 2 else "trilinear"
+    fine = torch.nn.functional.interpolate(coarse, size=(side,) * spatial_dims, mode=mode, align_corners=False)
+    return (fine * 255).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
 def _needs_views(cls, settings):
@@ -53,7 +63,7 @@ def test_method_contract(name, spatial_dims, tmp_path):
     torch.manual_seed(0)
     encoder = build_encoder(architecture(kind, SMALL_ENCODERS[kind], spatial_dims, 16))
     method = build_method(name, encoder, settings)
-    images = np.random.default_rng(0).integers(0, 255, size=(8, 1) + (16,) * spatial_dims, dtype=np.uint8)
+    images = smooth_images(8, spatial_dims)
     # one fixed batch; a method that needs several views gets them (its own view configs, as in pretraining)
     views = method_views(cls, settings, ViewConfig()) if _needs_views(cls, settings) else ()
     batches = Batches(images, None, 8, Normalisation(), views, shuffle=False)
