@@ -16,6 +16,23 @@ def normalise_patches(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (target - mean) / (var + eps).sqrt()
 
 
+def paste_prediction(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, normalised: bool,
+                     denormalise: bool = True) -> torch.Tensor:
+    """Predicted patches where ``mask`` hides them, true ones elsewhere: (B, L, P), for a reconstruction picture.
+
+    With a ``normalised`` (per-patch) target the prediction is de-normalised with each true patch's mean and std
+    (MAE's visualisation, which hands the picture the hidden patch's brightness and contrast), or, with
+    ``denormalise=False``, every patch is shown normalised: only what the model predicts.
+    """
+    if normalised and denormalise:
+        mean = target.mean(dim=-1, keepdim=True)
+        std = (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
+        prediction = prediction * std + mean
+    elif normalised:
+        target = normalise_patches(target)
+    return torch.where(mask.unsqueeze(-1), prediction, target)
+
+
 def masked_patch_loss(
     prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str = "mse"
 ) -> torch.Tensor:

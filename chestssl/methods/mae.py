@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from chestssl.data.batch import Batch
-from chestssl.methods.losses import lung_patches, lung_weighted_l1, masked_patch_loss, normalise_patches
+from chestssl.methods.losses import (lung_patches, lung_weighted_l1, masked_patch_loss, normalise_patches,
+                                     paste_prediction)
 from chestssl.methods.masking import random_mask
 from chestssl.models.patches import patchify, unpatchify
 from chestssl.models.vit import Block, ViT, sincos_position_embedding
@@ -156,13 +157,7 @@ class MAE(nn.Module):
         patch_size = self.encoder.config.patch_size
         prediction = self.forward_decoder(self.forward_encoder(x, mask), mask).float()
         target = patchify(x, patch_size).float()
-        if self.config.norm_pix_loss and denormalise:
-            mean = target.mean(dim=-1, keepdim=True)
-            std = (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
-            prediction = prediction * std + mean
-        elif self.config.norm_pix_loss:
-            target = normalise_patches(target)
-        merged = torch.where(mask.unsqueeze(-1), prediction, target)
+        merged = paste_prediction(prediction, target, mask, self.config.norm_pix_loss, denormalise)
         return unpatchify(merged, patch_size, x.shape[2:], self.encoder.in_channels)
 
     @torch.no_grad()

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from chestssl.data.batch import Batch
-from chestssl.methods.losses import masked_patch_loss, normalise_patches
+from chestssl.methods.losses import masked_patch_loss, normalise_patches, paste_prediction
 from chestssl.methods.masking import random_mask
 from chestssl.methods.sparse import sparse_forward_stages
 from chestssl.models.patches import grid_size, patchify, unpatchify
@@ -228,13 +228,7 @@ class SparK(nn.Module):
         stages, visibilities = self.forward_encoder(x, mask)
         prediction = patchify(self.forward_decoder(stages, visibilities, x.shape[2:]).float(), cell)  # (B, L, P)
         target = patchify(x.float(), cell)
-        if self.config.norm_pix_loss and denormalise:
-            mean = target.mean(dim=-1, keepdim=True)
-            std = (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
-            prediction = prediction * std + mean
-        elif self.config.norm_pix_loss:
-            target = normalise_patches(target)
-        merged = torch.where(mask.unsqueeze(-1), prediction, target)
+        merged = paste_prediction(prediction, target, mask, self.config.norm_pix_loss, denormalise)
         return unpatchify(merged, cell, x.shape[2:], x.shape[1])
 
     @torch.no_grad()
