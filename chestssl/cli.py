@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             from chestssl.train.finetune import FinetuneConfig, finetune
 
             result = finetune(load_config(FinetuneConfig, args.config, _overrides(args)))
-            print(f"results: {result['run_dir']}/results.json  test AUC {result['test_auc']:.4f}  ACC {result['test_acc']:.4f}")
+            shown = ("test_auc", "test_acc") if result["task"] == "classification" else ("test_dice", "test_hd95")
+            print(f"results: {result['run_dir']}/results.json  " + "  ".join(f"{key} {result[key]:.4f}" for key in shown))
         elif args.command == "benchmark":
             from chestssl.train.protocol import BenchmarkConfig, benchmark
 

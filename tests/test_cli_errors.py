@@ -62,7 +62,7 @@ def test_edited_encoder_records_are_refused(change, message, shared_data, tmp_pa
 
 
 def test_a_refused_pretraining_rerun_keeps_its_config(tmp_path, shared_data):
-    run = ["pretrain", "--data-dir", str(shared_data), "--run-dir", str(tmp_path / "p"), "sources=[cxr-lungseg]",
+    run = ["pretrain", "--data-dir", str(shared_data), "--run-dir", str(tmp_path / "p"), "sources=[cxr-lungseg-all]",
            "vit.hidden_size=16", "vit.depth=1", "vit.num_heads=2", "mae.decoder_hidden_size=16", "mae.decoder_depth=1",
            "mae.decoder_num_heads=2", "epochs=1", "batch_size=32", "grid_every=0"]
     assert main(run) == 0

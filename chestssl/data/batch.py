@@ -58,7 +58,8 @@ class Batch:
     Attributes:
         images: (B, C, *S) float, normalised; the first view when the batcher makes views. Precomputed
             features (B, F) for a linear probe.
-        labels: (B,) class indices or (B, K) multi-hot, or None for unlabelled data.
+        labels: (B,) class indices or (B, K) multi-hot, or None for unlabelled data; for a dense task the
+            label maps (B, *S) of class indices, moved with the first view.
         lung_mask: bool (B, 1, *S) aligned with ``images``, for CT volumes; None otherwise.
         index: (B,) int64 positions of the samples in the batcher's inputs.
         patient_ids: the samples' patient keys, where known.
@@ -118,6 +119,8 @@ class Batches:
         device: where the batches go.
         num_workers: loader workers reading cached volumes (0 reads in this process).
         patient_ids: (N,) patient keys carried into each batch, where known.
+        dense_labels: ``labels`` are label maps (N, *S) aligned with the images (segmentation): the first
+            view's flips, crops and rotations move them too (nearest neighbour, background outside).
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class Batches:
         device: torch.device | str = "cpu",
         num_workers: int = 0,
         patient_ids: np.ndarray | None = None,
+        dense_labels: bool = False,
     ) -> None:
         if batch_size < 1 or batch_size % world_size or not 0 <= rank < world_size:
             raise ValueError(f"batch_size {batch_size} must be positive and divide among {world_size} processes, "
@@ -150,7 +154,10 @@ class Batches:
             raise ValueError(f"Batches: {len(labels)} labels for {count} inputs")
         if views and normalisation is None:
             raise ValueError("Batches: views augment images; features (normalisation None) take none")
+        if dense_labels and (labels is None or not self.in_memory or np.ndim(labels) != np.ndim(inputs) - 1):
+            raise ValueError("Batches: dense labels are label maps (N, *S) beside in-memory images (N, C, *S)")
         self.count = count
+        self.dense_labels = dense_labels
         self.labels = None if labels is None else torch.from_numpy(np.asarray(labels))
         self.patient_ids = None if patient_ids is None else [str(p) for p in patient_ids]
         self.batch_size = max(world_size, min(batch_size, count - count % world_size))
@@ -199,13 +206,17 @@ class Batches:
             x = stored.to(self.device, non_blocking=True)
             lung = None if lung is None else lung.to(self.device, non_blocking=True)
             x = x.float() if self.normalisation is None else self.normalisation.apply(x)
+            y = None if self.labels is None else self.labels[index].to(self.device, non_blocking=True)
             views, lung_first = [], lung
             for number, view in enumerate(self.views):
-                image, moved = random_view(x, view, view_generator, lung)
+                if number == 0 and self.dense_labels:  # the label maps move with the first view
+                    image, moved = random_view(x, view, view_generator, y.unsqueeze(1))
+                    y = moved.squeeze(1)
+                else:
+                    image, moved = random_view(x, view, view_generator, lung)
                 views.append(image)
-                if number == 0:
+                if number == 0 and not self.dense_labels:
                     lung_first = moved
-            y = None if self.labels is None else self.labels[index].to(self.device, non_blocking=True)
             patients = None if self.patient_ids is None else tuple(self.patient_ids[i] for i in indices)
             yield Batch(images=views[0] if views else x, labels=y, lung_mask=lung_first, index=index,
                         patient_ids=patients, views=tuple(views))

@@ -23,6 +23,7 @@ from chestssl.errors import DataError
 from chestssl.data.xray.medmnist import load_pneumoniamnist
 from chestssl.data.xray.sources import _load_dicom, _load_folder, _load_kermany, _load_nih
 from chestssl.data.ct.slices import load_sarscov2_ct, load_sarscov2_ct_slices
+from chestssl.data.xray.lungseg import load_lungseg, load_lungseg_covid
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ DATASETS = {
     "dicom": _load_dicom,
     "sarscov2-ct": load_sarscov2_ct,  # COVID vs non-COVID CT slices, split by runs of one patient's slices
     "sarscov2-ct-slices": load_sarscov2_ct_slices,  # the same, split by slice: leaks patients (comparison only)
+    "cxr-lungseg": load_lungseg,  # Montgomery + Shenzhen X-rays with binary lung masks (segmentation)
+    "cxr-lungseg-covid": load_lungseg_covid,  # X-rays with right lung / left lung / heart label maps (segmentation)
 }
 
 

@@ -91,6 +91,28 @@ def label_fraction(
     return np.flatnonzero(np.isin(sample_units, chosen_units))
 
 
+def label_count(patient_ids: np.ndarray | None, count: int, seed: int, where: str = "training split") -> np.ndarray:
+    """Indices of a labelled subset of about ``count`` images, whole patients, for budgets counted in images
+    (segmentation: 5, 10, 20 labelled X-rays).
+
+    Patients are taken in a seeded order until at least ``count`` images are in (exactly ``count`` when every
+    patient has one image), so for one seed a smaller budget lies inside a larger one.
+
+    Raises:
+        DataError: ``count`` is below 1 or above the number of images.
+    """
+    total = len(patient_ids) if patient_ids is not None else 0
+    if patient_ids is None:
+        raise DataError(f"label_count needs patient ids in the {where}")
+    if not 1 <= count <= total:
+        raise DataError(f"label_count {count}: the {where} has {total} images; ask for 1 to {total}")
+    sample_units, units = _units(patient_ids, total)
+    order = np.random.default_rng(seed).permutation(len(units))
+    sizes = np.bincount(sample_units, minlength=len(units))[order]
+    taken = order[: int(np.searchsorted(np.cumsum(sizes), count)) + 1]
+    return np.flatnonzero(np.isin(sample_units, taken))
+
+
 def patient_split(
     labels: np.ndarray,
     patient_ids: np.ndarray | None,

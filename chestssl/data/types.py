@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TASKS = ("binary", "multiclass", "multilabel")
+TASKS = ("binary", "multiclass", "multilabel", "segmentation")
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,8 @@ class ImageDataset:
     Attributes:
         images: uint8 array (N, C, H, W), pixel values 0..255 after any DICOM rescale/VOI/inversion.
         labels: int64 array (N,) with class indices for "binary"/"multiclass" tasks, or (N, K) multi-hot for
-            "multilabel"; -1 (or a row of -1) where an image has no label (unlabelled data).
+            "multilabel"; -1 (or a row of -1) where an image has no label (unlabelled data); for "segmentation"
+            uint8 label maps (N, H, W) of class indices.
         task: one of ``TASKS``.
         class_names: K names; for "binary" the two names of class 0 and class 1.
         split: str array (N,): "train", "val", "test" for an official split, "" where the source has none.

@@ -146,7 +146,8 @@ def _derived_generator(generator: torch.Generator) -> torch.Generator:
 
 def random_view(x: torch.Tensor, config: ViewConfig, generator: torch.Generator,
                 lung_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One augmented view of a float batch (B, C, *S), and the lung mask (B, 1, *S) moved the same way.
+    """One augmented view of a float batch (B, C, *S), and ``lung_mask`` moved the same way: a bool mask or an
+    integer label map (B, M, *S), moved by nearest neighbour (no value is blended into another), zero outside.
 
     Every random number is drawn whatever the settings, so changing one setting does not shift the others; the
     grayscale augmentations draw theirs, after the others, from a generator derived from ``generator`` (see
@@ -199,7 +200,7 @@ def random_view(x: torch.Tensor, config: ViewConfig, generator: torch.Generator,
         if lung_mask is not None:
             moved = F.grid_sample(lung_mask.to(grid.dtype), grid, mode="nearest", padding_mode="zeros",
                                   align_corners=False)
-            lung_mask = moved > 0.5
+            lung_mask = moved > 0.5 if lung_mask.dtype == torch.bool else moved.round().to(lung_mask.dtype)
     shape = (batch,) + (1,) * (x.ndim - 1)
     if config.gamma != (1.0, 1.0):
         x = adjust_gamma(x, gamma)

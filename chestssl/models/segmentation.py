@@ -17,8 +17,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from monai.losses import DiceCELoss
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetResBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import nn
+
+from chestssl.data.batch import Batch
 
 
 def upsampling_steps(patch_size: int) -> int:
@@ -205,18 +208,27 @@ class UNetDecoder(nn.Module):
 
 
 class SegmentationModel(nn.Module):
-    """``encoder`` + ``decoder``; ``forward(x)`` (B, C, *S) -> logits (B, K, *S).
+    """``encoder`` + ``decoder``; ``logits(x)`` (B, C, *S) -> (B, K, *S); ``forward(batch)`` the training loss.
 
+    The loss is Dice + cross-entropy (MONAI's ``DiceCELoss``: softmax over the K classes, Dice on the
+    foreground classes, cross-entropy on all), the usual loss of U-Net-style models on small label sets.
     Build it with :func:`build_segmentation`, which picks the decoder for the encoder's kind.
     """
 
     def __init__(self, encoder: nn.Module, decoder: UNETRDecoder | UNetDecoder, num_classes: int,
                  norm_name: str) -> None:
         super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"a segmentation model needs background and at least one class, got {num_classes}")
         self.encoder, self.decoder = encoder, decoder
         self.num_classes, self.norm_name = num_classes, norm_name
+        self.loss = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Dice + cross-entropy of ``batch.images`` against the label maps ``batch.labels`` (B, *S)."""
+        return self.loss(self.logits(batch.images).float(), batch.labels.unsqueeze(1).long())
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.decoder, UNETRDecoder):
             hidden = self.encoder.hidden_states(x, blocks=tuple(sorted(set(self.decoder.blocks))))
             by_block = dict(zip(sorted(set(self.decoder.blocks)), hidden))
@@ -235,7 +247,7 @@ def build_segmentation(encoder: nn.Module, num_classes: int, feature_size: int |
 
     Args:
         encoder: a ViT (``kind == "vit"``, UNETR-style decoder) or a ResNet (``kind == "resnet"``, U-Net).
-        num_classes: K output channels (background included when the loss needs it).
+        num_classes: K output channels, background included (at least 2).
         feature_size: F, the decoder's full-resolution width; None for the default (16 for the ViT, half the
             first stage's width for the ResNet).
         norm_name: MONAI norm name for the decoder's conv blocks.

@@ -43,7 +43,19 @@ class _Exported(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         logits = self.model.logits((image - self.mean) / self.std)
+        if self.label_kind == "segmentation":
+            return logits.softmax(dim=1)  # (B, K, *S) per-pixel class probabilities
         return logits.softmax(dim=-1) if self.label_kind == "multiclass" else logits.sigmoid()
+
+
+def _output_record(meta: dict[str, Any], size: int, dims: int) -> dict[str, Any]:
+    names, kind = meta["class_names"], meta["label_kind"]
+    if kind == "segmentation":
+        return {"name": "probabilities", "shape": ["batch", len(names)] + [size] * dims,
+                "meaning": "probability of each class at each pixel; the label map is its argmax over axis 1"}
+    if kind == "binary":
+        return {"name": "probabilities", "shape": ["batch"], "meaning": f"probability of {names[-1]!r}"}
+    return {"name": "probabilities", "shape": ["batch", len(names)], "meaning": "probability of each class"}
 
 
 def metadata_path(onnx_file: str | Path) -> Path:
@@ -103,14 +115,11 @@ def export_onnx(model_path: str | Path, out_file: str | Path, check_inputs: list
     size, dims = predictor.recipe.size, predictor.recipe.spatial_dims
     record = {
         "format": ONNX_FORMAT, "model": str(model_path), "task": meta["task"], "label_kind": meta["label_kind"],
-        "class_names": meta["class_names"], "threshold": meta["threshold"],
+        "class_names": meta["class_names"], "threshold": meta.get("threshold"),
         "input": {"name": "image", "shape": ["batch", 1] + [size] * dims, "dtype": "float32",
                   "values": "stored pixels in [0, 1]: uint8 X-ray pixels / 255, or the CT cube's values",
                   "recipe": predictor.recipe.kind},
-        "output": {"name": "probabilities", "shape": ["batch"] if meta["label_kind"] == "binary" else
-                   ["batch", len(meta["class_names"])],
-                   "meaning": f"probability of {meta['class_names'][-1]!r}" if meta["label_kind"] == "binary"
-                   else "probability of each class"},
+        "output": _output_record(meta, size, dims),
         "normalisation": {"mean": norm.mean, "std": norm.std, "applied": "inside the graph"},
         "preprocessing": meta["preprocessing"], "encoder": meta["encoder"], "opset": OPSET,
         "check": {"inputs": len(prepared), "max_abs_difference": difference, "tolerance": tolerance,

@@ -2,6 +2,8 @@
 
 - X-ray: ``<id>_heatmap.png`` (8-bit, the decoded image's H x W: 255 is the strongest evidence) and
   ``<id>_overlay.png`` (the image with the map over it, at most :data:`OVERLAY_SIDE` pixels a side).
+- X-ray segmentation: ``<id>_mask.png`` (the label map at the decoded image's H x W: pixel value = class index)
+  and ``<id>_overlay.png`` (the image with each class's outline).
 - CT: ``<id>_heatmap.nii.gz`` on the source scan's grid (shape, spacing, origin, direction: it opens over the scan
   in a viewer) and ``<id>_overlay.png`` (axial, coronal and sagittal slices of the model's cube through the map's
   maximum).
@@ -57,6 +59,43 @@ def write_xray_heatmap(folder: Path, prepared: Prepared, heat: np.ndarray, title
     overlay_path = folder / f"{prepared.input.id}_overlay.png"
     _overlay([(resize_map(original, shown), resize_map(full, shown))], title, overlay_path)
     return [heatmap_path, overlay_path]
+
+
+def resize_label_map(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A 2D label map (h, w) resized by nearest neighbour to ``shape`` (H, W), uint8: classes are never blended."""
+    return np.asarray(Image.fromarray(labels.astype(np.uint8)).resize(shape[::-1], Image.Resampling.NEAREST))
+
+
+def mask_in_source_geometry(prepared: Prepared, labels: np.ndarray) -> np.ndarray:
+    """A predicted label map on the model's input carried to the decoded X-ray's (H, W)."""
+    return resize_label_map(labels, prepared.original.shape)
+
+
+def write_xray_mask(folder: Path, prepared: Prepared, labels: np.ndarray, class_names: tuple[str, ...],
+                    title: str) -> list[Path]:
+    """The predicted label map (S, S) of one X-ray at the decoded image's size, and an overlay of its outlines."""
+    original = prepared.original
+    full = mask_in_source_geometry(prepared, labels)  # (H, W) uint8 class indices
+    mask_path = folder / f"{prepared.input.id}_mask.png"
+    Image.fromarray(full).save(mask_path)
+    scale = min(1.0, OVERLAY_SIDE / max(original.shape))
+    shown = tuple(max(1, round(n * scale)) for n in original.shape)
+    figure, axis = plt.subplots(figsize=(5, 5.3))
+    axis.imshow(resize_map(original, shown), cmap="gray")
+    small = resize_label_map(full, shown)
+    colours = plt.get_cmap("tab10")
+    for k in range(1, len(class_names)):
+        if (small == k).any():
+            axis.contour((small == k).astype(np.float32), levels=[0.5], colors=[colours(k - 1)], linewidths=1.2)
+            axis.plot([], [], color=colours(k - 1), label=class_names[k])
+    axis.legend(loc="lower right", fontsize=8)
+    axis.axis("off")
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    overlay_path = folder / f"{prepared.input.id}_overlay.png"
+    figure.savefig(overlay_path, dpi=100)
+    plt.close(figure)
+    return [mask_path, overlay_path]
 
 
 def in_source_geometry(prepared: Prepared, heat: np.ndarray) -> np.ndarray | sitk.Image:

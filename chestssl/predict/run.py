@@ -5,6 +5,7 @@
 - ``predictions.csv`` (one row per input, appended as each batch finishes, so an interrupted run keeps what it
   did and ``--continue`` goes on from there) and ``predictions.json`` (the same rows);
 - ``heatmaps/`` (classification models, unless ``--no-heatmap``): see :mod:`chestssl.predict.outputs`;
+- ``masks/`` (segmentation models): each X-ray's predicted label map at its own size, and an overlay;
 - ``report.json``: the model, the inputs, every failure with its reason, and the time spent preparing inputs,
   running the model and making heat maps.
 
@@ -30,7 +31,8 @@ from tqdm import tqdm
 
 from chestssl.errors import DataError
 from chestssl.predict.inputs import Input, find_inputs
-from chestssl.predict.outputs import in_source_geometry, write_ct_heatmap, write_xray_heatmap
+from chestssl.predict.outputs import (in_source_geometry, mask_in_source_geometry, write_ct_heatmap, write_xray_heatmap,
+                                     write_xray_mask)
 from chestssl.predict.prepare import Prepared, Recipe, prepare, recipe_of
 from chestssl.predict.saliency import saliency
 from chestssl.train.distributed import pick_device
@@ -40,6 +42,7 @@ from chestssl.train.tasks import LoadedModel, load_model as load_task_model
 log = logging.getLogger(__name__)
 
 PREDICTIONS_CSV, PREDICTIONS_JSON, REPORT_JSON, HEATMAPS = "predictions.csv", "predictions.json", "report.json", "heatmaps"
+MASKS = "masks"
 DECODE_THREADS = 2
 
 
@@ -47,7 +50,10 @@ DECODE_THREADS = 2
 class Prediction:
     """The outcome for one input: ``status`` "ok" with ``probabilities`` (class name -> probability) and the
     ``label`` at the model's threshold, or "failed" with the ``reason``; ``heatmap`` (when asked) is in the
-    input's own geometry: (H, W) float array for an X-ray, a SimpleITK image on the source grid for CT."""
+    input's own geometry: (H, W) float array for an X-ray, a SimpleITK image on the source grid for CT.
+
+    For a segmentation model ``mask`` is the predicted label map (H, W) uint8 in the input's own geometry and
+    ``areas`` each class's share of the image's pixels; ``probabilities`` and ``label`` stay empty."""
 
     id: str
     source: str
@@ -58,8 +64,14 @@ class Prediction:
     reason: str = ""
     heatmap: Any = None
     files: list[str] = field(default_factory=list)
+    mask: np.ndarray | None = None
+    areas: dict[str, float] = field(default_factory=dict)
 
-    def row(self, class_names: tuple[str, ...]) -> dict[str, str]:
+    def row(self, class_names: tuple[str, ...], dense: bool = False) -> dict[str, str]:
+        if dense:
+            areas = {f"area_{name}": ("" if name not in self.areas else f"{self.areas[name]:.6f}") for name in class_names}
+            return {"id": self.id, "source": self.source, "status": self.status, **areas,
+                    "warnings": "; ".join(self.warnings), "reason": self.reason}
         probabilities = {f"p_{name}": ("" if name not in self.probabilities else f"{self.probabilities[name]:.6f}")
                          for name in class_names}
         return {"id": self.id, "source": self.source, "status": self.status, **probabilities, "label": self.label,
@@ -79,6 +91,10 @@ class Predictor:
         self.task = loaded.task
         self.recipe: Recipe = recipe_of(loaded.meta, source)
         self.device = next(loaded.module.parameters()).device
+        self.dense = self.task.name == "segmentation"
+        if self.dense and self.recipe.modality != "xray":
+            raise DataError(f"{source}: predict writes segmentations of 2D images only; this model's inputs are "
+                            f"{self.recipe.kind}")
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -147,6 +163,16 @@ class Predictor:
         tick = time.perf_counter()
         scores = self.probabilities(np.stack([p.pixels for p in prepared]))
         timing["model_s"] = timing.get("model_s", 0.0) + time.perf_counter() - tick
+        if self.dense:
+            predictions = []
+            for item, labels in zip(prepared, scores.argmax(axis=1).astype(np.uint8)):
+                areas = {name: float((labels == k).mean()) for k, name in enumerate(self.class_names)}
+                warnings = list(item.warnings)
+                if not (labels > 0).any():
+                    warnings.append("nothing segmented: every pixel predicted background")
+                predictions.append(Prediction(item.input.id, item.input.source, "ok", warnings=warnings, mask=labels,
+                                              areas=areas))
+            return predictions
         maps: list[np.ndarray | None] = [None] * len(prepared)
         if heatmap:
             tick = time.perf_counter()
@@ -174,7 +200,9 @@ class Predictor:
             done = {p.id: p for p in self.predict_prepared(ready, heatmap)}
             for item, outcome in zip(inputs[start : start + batch_size], chunk):
                 prediction = outcome if isinstance(outcome, Prediction) else done[item.id]
-                if heatmap and prediction.status == "ok":
+                if prediction.mask is not None:
+                    prediction.mask = mask_in_source_geometry(outcome, prediction.mask)
+                elif heatmap and prediction.status == "ok":
                     prediction.heatmap = in_source_geometry(outcome, prediction.heatmap)
                 results.append(prediction)
         return results
@@ -211,8 +239,9 @@ def predict_to_folder(model: str | Path, entries: list[str], out_dir: str | Path
     inputs = predictor.inputs(entries)
     if not inputs:
         raise DataError(f"no input found in {entries}")
-    heatmap = predictor.task.name == "classification" if heatmap is None else heatmap
-    columns = list(Prediction("", "", "").row(predictor.class_names))
+    dense = predictor.dense
+    heatmap = not dense if heatmap is None else heatmap and not dense
+    columns = list(Prediction("", "", "").row(predictor.class_names, dense))
     previous = _read_rows(csv_path)
     if previous and list(previous[0]) != columns:
         raise DataError(f"{csv_path} has columns {list(previous[0])}, not this model's {columns}: another model's "
@@ -223,6 +252,8 @@ def predict_to_folder(model: str | Path, entries: list[str], out_dir: str | Path
     out.mkdir(parents=True, exist_ok=True)
     if heatmap:
         (out / HEATMAPS).mkdir(exist_ok=True)
+    if dense:
+        (out / MASKS).mkdir(exist_ok=True)
     with csv_path.open("w", newline="") as stream:
         csv.DictWriter(stream, columns).writeheader()
         csv.DictWriter(stream, columns).writerows(kept)
@@ -246,13 +277,18 @@ def predict_to_folder(model: str | Path, entries: list[str], out_dir: str | Path
                     files = write(out / HEATMAPS, prepared, prediction.heatmap, title)
                     prediction.files = [str(p.relative_to(out)) for p in files]
                 timing["heatmap_s"] += time.perf_counter() - tick
+            if dense:
+                for prepared in ready:
+                    prediction = predictions[prepared.input.id]
+                    files = write_xray_mask(out / MASKS, prepared, prediction.mask, predictor.class_names, prepared.input.id)
+                    prediction.files = [str(p.relative_to(out)) for p in files]
             rows = []
             for item, outcome in zip(chunk, outcomes):
                 prediction = outcome if isinstance(outcome, Prediction) else predictions[item.id]
                 if prediction.status == "failed":
                     failures.append({"id": prediction.id, "source": prediction.source, "reason": prediction.reason})
                     log.warning("%s: %s", prediction.source, prediction.reason)
-                rows.append(prediction.row(predictor.class_names))
+                rows.append(prediction.row(predictor.class_names, dense))
             with csv_path.open("a", newline="") as stream:
                 csv.DictWriter(stream, columns).writerows(rows)
             progress.update(len(chunk))

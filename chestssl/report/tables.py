@@ -1,4 +1,8 @@
-"""Benchmark reports from ``results.csv``: mean ± std tables (Markdown and HTML) and metric-vs-fraction plots."""
+"""Benchmark reports from ``results.csv``: mean ± std tables (Markdown and HTML) and metric-vs-budget plots.
+
+Classification grids are keyed by label fraction and report AUC, ACC, balanced accuracy and weighted F1;
+segmentation grids by the number of labelled images and report Dice and HD95 (overall and per region).
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,55 @@ RESULT_COLUMNS = [
     "code_version", "torch", "monai", "device", "threads",
 ]
 METRICS = [("test_auc", "AUC"), ("test_acc", "ACC"), ("test_balanced_accuracy", "Bal. acc"), ("test_f1_weighted", "F1 (w)")]
+SEGMENTATION_COLUMNS = [
+    "init", "label_count", "seed", "n_train", "n_val", "selection", "epochs", "best_epoch", "val_dice", "val_hd95",
+    "test_dice", "test_hd95", "test_hd95_missed",
+]
+ENVIRONMENT_COLUMNS = ["seconds", "run_dir", "code_version", "torch", "monai", "device", "threads"]
+
+
+def result_columns(result: dict) -> list[str]:
+    """The ``results.csv`` columns of a grid whose runs give results like ``result``."""
+    if result.get("task", "classification") == "classification":
+        return RESULT_COLUMNS
+    regions = sorted(key for key in result if key.startswith(("test_dice_", "test_hd95_")) and key != "test_hd95_missed")
+    return SEGMENTATION_COLUMNS + regions + ENVIRONMENT_COLUMNS
+
+
+def append_result(path: str | Path, result: dict) -> None:
+    """Append one run's row to ``results.csv`` (written with its header when new). A file with other columns
+    (another task, or a results.csv of an older chestssl) is refused rather than given misaligned rows."""
+    path = Path(path)
+    columns = result_columns(result)
+    if path.exists():
+        with path.open(newline="") as stream:
+            header = next(csv.reader(stream), [])
+        if header != columns:
+            raise DataError(f"{path} has the columns {header}, this run gives {columns}: another grid's results; "
+                            "use another run_dir")
+    new_file = not path.exists()
+    with path.open("a", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore")
+        if new_file:
+            writer.writeheader()
+        writer.writerow({key: result.get(key) for key in columns})
+
+
+def is_segmentation(rows: list[dict]) -> bool:
+    return bool(rows) and "test_dice" in rows[0]
+
+
+def metrics_of(rows: list[dict]) -> list[tuple[str, str]]:
+    """(column, name) of the metrics a table reports for these rows."""
+    if not is_segmentation(rows):
+        return METRICS
+    regions = [key for key in rows[0] if key.startswith("test_dice_")]
+    named = [(key, "Dice " + key.removeprefix("test_dice_").replace("_", " ")) for key in regions]
+    return [("test_dice", "Dice"), ("test_hd95", "HD95 (px)")] + (named if len(regions) > 1 else [])
+
+
+def _number(value: str) -> float:
+    return float(value) if value not in ("", None) else float("nan")
 
 
 def read_results(path: str | Path) -> list[dict]:
@@ -31,19 +84,26 @@ def read_results(path: str | Path) -> list[dict]:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """One row per (init, fraction): n seeds, label counts, and mean/std of each test metric."""
+    """One row per (init, budget): n seeds, label counts, and mean/std of each test metric, with a Student-t
+    95% interval for the first metric (AUC, or Dice). The budget is the label fraction, or for segmentation
+    the number of labelled images (``label_fraction`` then holds it too, 0 meaning all, for sorting)."""
+    segmentation = is_segmentation(rows)
+    budget_column = "label_count" if segmentation else "label_fraction"
     groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
     for row in rows:
-        groups[(row["init"], float(row["label_fraction"]))].append(row)
+        groups[(row["init"], float(row[budget_column]))].append(row)
+    metrics = metrics_of(rows)
     summary = []
-    for (init, fraction), members in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0])):
-        entry = {"init": init, "label_fraction": fraction, "seeds": len(members),
+    order = (lambda item: (item[0][1] or math.inf, item[0][0])) if segmentation else (lambda item: (item[0][1], item[0][0]))
+    for (init, budget), members in sorted(groups.items(), key=order):
+        entry = {"init": init, "label_fraction": budget, "seeds": len(members), "segmentation": segmentation,
                  "n_train": int(np.mean([int(m["n_train"]) for m in members])),
                  "selection": members[0]["selection"]}
-        for key, _ in METRICS:
-            values = np.array([float(m[key]) for m in members], dtype=np.float64)
+        for key, _ in metrics:
+            values = np.array([_number(m[key]) for m in members], dtype=np.float64)
             entry[key] = (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else float("nan"))
-        entry["test_auc_ci"] = confidence_interval([float(m["test_auc"]) for m in members])
+        first = metrics[0][0]
+        entry["test_auc_ci"] = confidence_interval([_number(m[first]) for m in members])
         summary.append(entry)
     return summary
 
@@ -64,30 +124,39 @@ def _cell(mean_std: tuple[float, float]) -> str:
     return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
-def markdown_table(summary: list[dict]) -> str:
-    header = "| labels | init | n labelled | seeds | " + " | ".join(name for _, name in METRICS) + " | AUC 95% CI |"
-    lines = [header, "|" + "---|" * (5 + len(METRICS))]
+def _budget(entry: dict) -> str:
+    if entry.get("segmentation"):
+        return "all" if not entry["label_fraction"] else f"{int(entry['label_fraction'])} images"
+    fraction = entry["label_fraction"]
+    return f"{fraction:.0%}" if fraction >= 0.01 else f"{fraction:.1%}"
+
+
+def markdown_table(summary: list[dict], metrics: list[tuple[str, str]] = METRICS) -> str:
+    interval_name = metrics[0][1]
+    header = "| labels | init | n labelled | seeds | " + " | ".join(name for _, name in metrics) + f" | {interval_name} 95% CI |"
+    lines = [header, "|" + "---|" * (5 + len(metrics))]
     for entry in summary:
-        cells = [f"{entry['label_fraction']:.0%}" if entry["label_fraction"] >= 0.01 else f"{entry['label_fraction']:.1%}",
-                 entry["init"], str(entry["n_train"]), str(entry["seeds"])]
+        cells = [_budget(entry), entry["init"], str(entry["n_train"]), str(entry["seeds"])]
         low, high = entry.get("test_auc_ci", (float("nan"), float("nan")))
         interval = "" if math.isnan(low) else f"[{low:.3f}, {high:.3f}]"
-        lines.append("| " + " | ".join(cells + [_cell(entry[key]) for key, _ in METRICS] + [interval]) + " |")
+        lines.append("| " + " | ".join(cells + [_cell(entry[key]) for key, _ in metrics] + [interval]) + " |")
     return "\n".join(lines)
 
 
-def plot(summary: list[dict], path: Path) -> Path:
-    """AUC and ACC (mean ± std over seeds) against the label fraction, one line per initialisation."""
+def plot(summary: list[dict], path: Path, metrics: list[tuple[str, str]] = METRICS) -> Path:
+    """The first two metrics (mean ± std over seeds) against the label budget, one line per initialisation;
+    for segmentation against the number of labelled images (all: the mean size of the training split)."""
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for axis, (key, name) in zip(axes, METRICS[:2]):
+    segmentation = bool(summary) and summary[0].get("segmentation")
+    for axis, (key, name) in zip(axes, metrics[:2]):
         for init in sorted({e["init"] for e in summary}):
             entries = [e for e in summary if e["init"] == init]
-            fractions = [e["label_fraction"] for e in entries]
+            fractions = [e["n_train"] if segmentation else e["label_fraction"] for e in entries]
             means = np.array([e[key][0] for e in entries])
             stds = np.nan_to_num(np.array([e[key][1] for e in entries]))
             axis.errorbar(fractions, means, yerr=stds, marker="o", capsize=3, label=init)
         axis.set_xscale("log")
-        axis.set_xlabel("fraction of training labels")
+        axis.set_xlabel("labelled training images" if segmentation else "fraction of training labels")
         axis.set_ylabel(f"test {name}")
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -104,12 +173,18 @@ def write_report(run_dir: str | Path) -> Path:
         raise DataError(f"{run_dir} has no results.csv: it is not a benchmark run directory (or no run finished yet)")
     rows = read_results(run_dir / "results.csv")
     summary = summarise(rows)
-    figure = plot(summary, run_dir / "metric_vs_fraction.png")
+    metrics = metrics_of(rows)
+    figure = plot(summary, run_dir / "metric_vs_fraction.png", metrics)
     selections = sorted({entry["selection"].split(" (")[0] for entry in summary})
-    table = markdown_table(summary)
+    table = markdown_table(summary, metrics)
+    if is_segmentation(rows):
+        measured = ("Dice (MONAI DiceMetric, per image, mean over images and foreground classes) and HD95 (MONAI "
+                    "HausdorffDistanceMetric, 95th percentile, pixels at the model's input size; images where a "
+                    "region is predicted empty are counted in test_hd95_missed, not averaged).")
+    else:
+        measured = "ACC at threshold 0.5 as the MedMNIST evaluator computes it."
     notes = (f"{len(rows)} runs. Test metrics on the test split; mean ± sample std over seeds, and a Student-t "
-             "95% confidence interval for the mean AUC. "
-             f"ACC at threshold 0.5 as the MedMNIST evaluator computes it. Model selection: {'; '.join(selections)}.")
+             f"95% confidence interval for the mean {metrics[0][1]}. {measured} Model selection: {'; '.join(selections)}.")
     (run_dir / "report.md").write_text(f"# Label-efficiency benchmark\n\n{notes}\n\n{table}\n\n![metric vs fraction]({figure.name})\n")
     image = base64.b64encode(figure.read_bytes()).decode()
     body = "".join(

@@ -26,13 +26,14 @@ import torch
 from chestssl.config import save_config
 from chestssl.data.batch import Batches, Normalisation, xray_preprocessing
 from chestssl.data.datasets import CT_CACHE, DATASETS, Labelled, Split, load_labelled
-from chestssl.data.splits import label_fraction
+from chestssl.data.splits import label_count, label_fraction
 from chestssl.data.views import ViewConfig
 from chestssl.errors import CheckpointError, ConfigError
 from chestssl.models.encoders import ENCODERS, architecture, build_encoder, record_of
 from chestssl.models.heads import class_weights
 from chestssl.models.resnet import ResNetConfig
 from chestssl.models.vit import ViTConfig
+from chestssl.report.segmentation import overlay_grid
 from chestssl.train import distributed
 from chestssl.train.checkpoint import atomic_save, check_preprocessing, load_encoder, load_weights, read, read_encoder, save_model
 from chestssl.train.loop import Schedule, fit, resume_identity
@@ -58,7 +59,7 @@ class FinetuneConfig:
     dataset_root: str | None = None  # the image folder of the folder and dicom datasets
     labels_csv: str | None = None  # their labels CSV (default ROOT/labels.csv)
     image_size: int = 28  # side of the X-ray images in pixels (CT: the cache's cube size)
-    task: str = "classification"  # what the model predicts (classification)
+    task: str = "classification"  # what the model predicts: classification, or segmentation (label-map datasets)
     encoder: str = "vit"  # encoder kind built here when no file gives it (vit, resnet)
     vit: ViTConfig = field(default_factory=ViTConfig)  # ViT sizes (when built here)
     resnet: ResNetConfig = field(default_factory=ResNetConfig)  # ResNet sizes (when built here)
@@ -68,6 +69,7 @@ class FinetuneConfig:
     freeze_epochs: int = 0  # full mode: the encoder frozen (eval mode, not updated) for this many epochs first
     unfreeze_lr_scale: float = 0.1  # the encoder's learning rate after unfreezing, relative to the schedule's
     label_fraction: float = 1.0  # share of the training labels used, stratified and patient-level
+    label_count: int = 0  # instead of a fraction: about this many labelled training images, whole patients (0: off)
     selection: str = "fraction"  # epoch chosen on a validation subset of the same fraction, the full split, or fixed (last)
     split_seed: int = 0  # seed of generated train/val/test splits
     seed: int = 0  # seed of the label subset, initialisation, order and augmentation
@@ -109,6 +111,12 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "image_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.label_count < 0 or (self.label_count and self.label_fraction != 1.0):
+            raise ValueError(f"label_count ({self.label_count}) must be >= 0 and is used instead of label_fraction "
+                             f"({self.label_fraction}): set one of them")
+        if self.task == "segmentation" and self.mode == "linear":
+            raise ValueError("segmentation has no linear probe on pooled features: use mode=full (freeze_epochs "
+                             "keeps the encoder frozen for a while)")
         if self.freeze_epochs and self.mode != "full":
             raise ValueError("freeze_epochs (freeze-then-unfreeze) applies to mode=full; a linear probe is always frozen")
         if not 0.0 < self.unfreeze_lr_scale <= 1.0:
@@ -174,18 +182,36 @@ def extract_features(encoder: torch.nn.Module, split: Split, normalisation: Norm
     return torch.cat([encoder(batch.images).float().cpu() for batch in batches.epoch(0, 0)]).numpy()
 
 
+def _labelled_subset(split: Split, data: Labelled, fraction: float, count: int, seed: int, where: str) -> np.ndarray:
+    """Indices of the labelled subset: ``count`` images (whole patients), or a ``fraction``, stratified by class
+    (label maps have no class to stratify by: a fraction of them is a count)."""
+    if data.label_kind == "segmentation" and not count and fraction < 1.0:
+        count = max(1, int(np.floor(fraction * len(split) + 0.5)))
+    if count:
+        return label_count(_patients(split), count, seed, where)
+    return label_fraction(split.labels, fraction, seed, split.patient_ids, data.class_names, where)
+
+
+def _patients(split: Split) -> np.ndarray:
+    return split.patient_ids if split.patient_ids is not None else np.arange(len(split)).astype(str)
+
+
 def _choose(config: FinetuneConfig, data: Labelled) -> tuple[Split, Split | None, str]:
     """The labelled training subset and the validation set used for model selection (None for ``fixed``)."""
     train, val = data.train, data.val
-    chosen = train.subset(label_fraction(train.labels, config.label_fraction, config.seed, train.patient_ids,
-                                         data.class_names, "training split"))
+    count = min(config.label_count, len(train)) if config.label_count else 0
+    if config.label_count > len(train):
+        log.info("label_count %d: the training split has %d images; using all of them", config.label_count, len(train))
+    chosen = train.subset(_labelled_subset(train, data, config.label_fraction, count, config.seed, "training split"))
     if config.selection == "fixed":
         return chosen, None, "fixed schedule, last epoch (no validation labels)"
-    if config.selection == "full" or config.label_fraction == 1.0:
-        note = "full validation split" + (" (more labels than the fraction claims)" if config.label_fraction < 1 else "")
+    everything = config.label_fraction == 1.0 and (not count or count == len(train))
+    if config.selection == "full" or everything:
+        note = "full validation split" + ("" if everything else " (more labels than the budget claims)")
         return chosen, val, note
-    indices = label_fraction(val.labels, config.label_fraction, config.seed, val.patient_ids, data.class_names, "validation split")
-    return chosen, val.subset(indices), f"validation subset of the same fraction ({len(indices)} of {len(val)})"
+    share = max(1, round(len(chosen) * len(val) / len(train))) if count else 0
+    indices = _labelled_subset(val, data, config.label_fraction, share, config.seed, "validation split")
+    return chosen, val.subset(indices), f"validation subset of the same share ({len(indices)} of {len(val)})"
 
 
 def freeze_then_unfreeze(model: torch.nn.Module, optimizer: torch.optim.Optimizer, freeze_epochs: int,
@@ -229,9 +255,11 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     data = load_data(config)
     train, val, selection_note = _choose(config, data)
     test = data.test
-    task = task_class(config.task)(data.label_kind, data.class_names)
-    log.info("fine-tuning on %d labelled samples (%.3g of %d); selection: %s", len(train), config.label_fraction,
-             len(data.train), selection_note)
+    try:
+        task = task_class(config.task)(data.label_kind, data.class_names)
+    except ValueError as error:
+        raise ConfigError(f"task {config.task} on dataset {config.dataset}: {error}") from error
+    log.info("fine-tuning on %d labelled samples of %d; selection: %s", len(train), len(data.train), selection_note)
 
     torch.manual_seed(config.seed)
     normalisation = config.normalisation()
@@ -239,7 +267,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     if context.is_main:  # only now is the run known to be valid: nothing was written before
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
-    weights = class_weights(train.labels, data.label_kind) if config.class_weighting == "balanced" else None
+    dense = task.name == "segmentation"  # label maps: no class weights (Dice balances), moved with the views
+    weights = class_weights(train.labels, data.label_kind) if config.class_weighting == "balanced" and not dense else None
     if config.mode == "linear":
         encoder.to(context.device)
         splits = (train, val, test)
@@ -261,7 +290,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
                               lambda name: "encoder" if name.startswith("encoder.") else "head")
     model.to(context.device)
     batches = Batches(train_inputs, train.labels, config.batch_size, input_norm, views, True, True, context.rank,
-                      context.world_size, context.device, config.num_workers)
+                      context.world_size, context.device, config.num_workers, dense_labels=dense)
 
     def evaluation(inputs: Any) -> Batches:
         return Batches(inputs, None, 256, input_norm, (), False, False, device=context.device, num_workers=config.num_workers)
@@ -305,21 +334,24 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     result = {
         "run_dir": str(run_dir), "dataset": config.dataset, "task": config.task, "encoder": encoder.kind,
         "init": source, "mode": config.mode, "label_fraction": config.label_fraction, "seed": config.seed,
-        "n_train": len(train), "n_val": 0 if val is None else len(val), "selection": selection_note,
+        "label_count": config.label_count, "n_train": len(train), "n_val": 0 if val is None else len(val),
+        "selection": selection_note,
         "epochs": epochs, "steps": epochs * len(batches),
         "best_epoch": state["best_epoch"] if val_inputs is not None else epochs - 1,
-        "val_auc": (state["best_values"] or {}).get("val_auc"), "seconds": round(time.perf_counter() - started, 1),
+        **{key: value for key, value in (state["best_values"] or {}).items() if key != "val_loss"},
+        "seconds": round(time.perf_counter() - started, 1),
         **{f"test_{name}": value for name, value in test_metrics.items()},
         **environment(context.device),
     }
     if context.is_main:
         save_model(run_dir / MODEL_NAME, model, {
-            **task.describe(), "encoder": record_of(model.encoder), "head": {"feature_size": encoder.feature_size,
-            "feature_norm": "batch" if config.mode == "linear" else encoder.head_norm},
+            **task.describe(), "encoder": record_of(model.encoder),
+            "head": task.head_record(model, "batch" if config.mode == "linear" else encoder.head_norm),
             "preprocessing": data.preprocessing, "dataset": config.dataset, "mode": config.mode, "init": source, "label_fraction": config.label_fraction,
         })
+        if dense:  # pictures a person can check: the test images with the true and the predicted outlines
+            overlay_grid(test.inputs, test.labels, scores.argmax(axis=1), data.class_names, run_dir / "test_overlays.png")
         results_path.write_text(json.dumps({**result, "identity": identity}, indent=2))
-        log.info("test AUC %.4f ACC %.4f balanced acc %.4f F1 %.4f", result["test_auc"], result["test_acc"],
-                 result["test_balanced_accuracy"], result["test_f1_weighted"])
+        log.info("test %s", "  ".join(f"{name} {value:.4f}" for name, value in test_metrics.items()))
     return result
 

@@ -1,4 +1,7 @@
-"""``chestssl benchmark``: the label-efficiency protocol, label fractions x seeds x initialisations.
+"""``chestssl benchmark``: the label-efficiency protocol, label budgets x seeds x initialisations.
+
+A budget is a label fraction (``fractions``, stratified by class) or, for segmentation, a number of labelled
+images (``label_counts``; 0 means all of them).
 
 One pretraining (or a given encoder), then one fine-tuning run per cell; each finished run appends a row to
 ``results.csv``, so an interrupted benchmark resumes where it stopped. The report compares every initialisation
@@ -14,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chestssl.config import apply_overrides, from_dict, save_config, to_dict
-from chestssl.report.tables import RESULT_COLUMNS, write_report
+from chestssl.data.xray.unlabelled import LUNGSEG_ALL
+from chestssl.report.tables import append_result, write_report
 from chestssl.train.finetune import FinetuneConfig, finetune
 from chestssl.train.loop import resume_identity
 from chestssl.train.pretrain import ENCODER_NAME, PretrainConfig, pretrain
@@ -45,6 +49,13 @@ for _method in RESNET_METHODS:
     INITS[f"resnet18-{_method}-linear"] = (_file, "architecture_of=null", "mode=linear")
     INITS[f"resnet18-{_method}-ft"] = (_file, "architecture_of=null", "mode=full", "layer_decay=1.0", "drop_path=0.0",
                                        "freeze_epochs=5", "unfreeze_lr_scale=0.1")
+# The ViT pretrained by a method other than the pretrain section's own (SPCXR's group masking beside MAE): the
+# pretrain section with method=METHOD, so the two ViTs differ in the method alone.
+VIT_METHODS = ("groupmask",)
+for _method in VIT_METHODS:
+    _file = "pretrained={pretrained:" + _method + "}"
+    INITS[f"vit-{_method}"] = (_file, "architecture_of=null", "mode=full")
+    INITS[f"vit-{_method}-linear"] = (_file, "architecture_of=null", "mode=linear")
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,7 @@ class BenchmarkConfig:
     run_dir: str = "runs/benchmark"  # where the grid writes results.csv, the report and every run
     data_dir: str | None = None  # data folder (else $CHESTSSL_DATA, else the user cache directory)
     fractions: tuple[float, ...] = (0.01, 0.1, 1.0)  # label fractions of the grid
+    label_counts: tuple[int, ...] = ()  # instead of fractions: numbers of labelled training images (0: all)
     seeds: tuple[int, ...] = (0, 1, 2)  # seeds of every fraction
     inits: tuple[str, ...] = ("resnet18-scratch", "vit-scratch", "vit-mae")  # initialisations compared (see chestssl.train.protocol.INITS)
     pretrained: str | None = None  # an encoder file to use instead of pretraining
@@ -88,9 +100,19 @@ class BenchmarkConfig:
         bad = [f for f in self.fractions if not 0 < f <= 1]
         if bad:
             raise ValueError(f"fractions must be in (0, 1], got {bad}")
-        unknown = sorted((set(self.method_pretrained) | set(self.method_overrides)) - set(RESNET_METHODS))
+        if (self.finetune.task == "segmentation" and self.pretrain.spatial_dims == 2
+                and LUNGSEG_ALL in self.pretrain.sources):
+            raise ValueError(f"pretrain.sources holds {LUNGSEG_ALL}, every lung segmentation image with the test "
+                             "images; a segmentation benchmark pretrains on cxr-lungseg / cxr-lungseg-covid, which "
+                             "leave their test splits out")
+        if any(n < 0 for n in self.label_counts):
+            raise ValueError(f"label_counts must be >= 0 (0: all labelled images), got {list(self.label_counts)}")
+        if self.label_counts and (self.fraction_seeds or self.fraction_overrides):
+            raise ValueError("fraction_seeds and fraction_overrides apply to a grid of fractions, not of label_counts")
+        unknown = sorted((set(self.method_pretrained) | set(self.method_overrides)) - set(RESNET_METHODS + VIT_METHODS))
         if unknown:
-            raise ValueError(f"method_pretrained / method_overrides name unknown method(s) {unknown}; valid: {list(RESNET_METHODS)}")
+            raise ValueError(f"method_pretrained / method_overrides name unknown method(s) {unknown}; "
+                             f"valid: {list(RESNET_METHODS + VIT_METHODS)}")
         pretrained_resnets = [i for i in self.inits if i.startswith("resnet18-") and i != "resnet18-scratch"]
         if "resnet18-scratch" in self.inits and pretrained_resnets and self.pretrain.resnet != self.finetune.resnet:
             raise ValueError(f"resnet18-scratch is built from finetune.resnet {self.finetune.resnet} but {pretrained_resnets} "
@@ -113,26 +135,33 @@ def _substitute(overrides: list[str], encoders: dict[str, str]) -> list[str]:
     return out
 
 
-def run_config(config: BenchmarkConfig, init: str, fraction: float, seed: int, encoders: dict[str, str]) -> FinetuneConfig:
-    """The fine-tuning settings of one cell of the grid; ``encoders`` maps "pretrained"/"pretrained_lung" to files."""
+def run_config(config: BenchmarkConfig, init: str, budget: float, seed: int, encoders: dict[str, str]) -> FinetuneConfig:
+    """The fine-tuning settings of one cell of the grid (``budget`` a fraction, or a label count when the grid has
+    ``label_counts``); ``encoders`` maps "pretrained"/"pretrained_lung"/"pretrained:METHOD" to files."""
     base = to_dict(config.finetune)
     overrides = _substitute(list(INITS[init]), encoders)
     overrides += list(config.init_overrides.get(init, ()))
     for key, values in config.fraction_overrides.items():
-        if float(key) == float(fraction):
+        if float(key) == float(budget):
             overrides += list(values)
-    run_dir = Path(config.run_dir) / "runs" / f"{init}_f{fraction:g}_s{seed}"
-    overrides += [f"label_fraction={fraction}", f"seed={seed}", f"run_dir={run_dir}"]
+    if config.label_counts:
+        run_dir = Path(config.run_dir) / "runs" / f"{init}_n{'all' if not budget else int(budget)}_s{seed}"
+        overrides += ["label_fraction=1.0", f"label_count={int(budget)}"]
+    else:
+        run_dir = Path(config.run_dir) / "runs" / f"{init}_f{budget:g}_s{seed}"
+        overrides += [f"label_fraction={budget}"]
+    overrides += [f"seed={seed}", f"run_dir={run_dir}"]
     if config.data_dir is not None:
         overrides.append(f"data_dir={config.data_dir}")
-    return from_dict(FinetuneConfig, apply_overrides(base, overrides), where=f"benchmark run {init} f={fraction:g} seed={seed}")
+    return from_dict(FinetuneConfig, apply_overrides(base, overrides), where=f"benchmark run {init} budget={budget:g} seed={seed}")
 
 
-def _finished(results_path: Path) -> set[tuple[str, float, int]]:
+def _finished(results_path: Path, by_count: bool) -> set[tuple[str, float, int]]:
     if not results_path.exists():
         return set()
+    column = "label_count" if by_count else "label_fraction"
     with results_path.open() as stream:
-        return {(row["init"], float(row["label_fraction"]), int(row["seed"])) for row in csv.DictReader(stream)}
+        return {(row["init"], float(row[column]), int(row["seed"])) for row in csv.DictReader(stream)}
 
 
 def _encoders(config: BenchmarkConfig) -> tuple[dict[str, str], list[tuple[str, PretrainConfig]]]:
@@ -150,18 +179,24 @@ def _encoders(config: BenchmarkConfig) -> tuple[dict[str, str], list[tuple[str, 
                 mae=dataclasses.replace(config.pretrain.mae, lung_weight=lung_weight))
             encoders[name] = str(run_dir / folder / ENCODER_NAME)
             pretrainings.append((name, pretrain_config))
-    for method in RESNET_METHODS:
+    for method in RESNET_METHODS + VIT_METHODS:
         name = f"pretrained:{method}"
         if method in config.method_pretrained:
             encoders[name] = config.method_pretrained[method]
         elif any("{" + name + "}" in " ".join(INITS[i]) for i in config.inits):
             base = to_dict(dataclasses.replace(config.pretrain, run_dir=str(run_dir / f"pretrain_{method}"),
                                                data_dir=config.data_dir or config.pretrain.data_dir))
-            overrides = [f"method={method}", "encoder=resnet", *config.method_overrides.get(method, ())]
+            kind = "resnet" if method in RESNET_METHODS else "vit"
+            overrides = [f"method={method}", f"encoder={kind}", *config.method_overrides.get(method, ())]
             pretrain_config = from_dict(PretrainConfig, apply_overrides(base, overrides), where=f"pretraining {method}")
             encoders[name] = str(run_dir / f"pretrain_{method}" / ENCODER_NAME)
             pretrainings.append((name, pretrain_config))
     return encoders, pretrainings
+
+
+def budgets(config: BenchmarkConfig) -> tuple[float, ...]:
+    """The grid's budgets: its label counts where it has them, else its fractions."""
+    return tuple(config.label_counts) if config.label_counts else tuple(config.fractions)
 
 
 def seeds_of(config: BenchmarkConfig, fraction: float) -> tuple[int, ...]:
@@ -175,8 +210,8 @@ def seeds_of(config: BenchmarkConfig, fraction: float) -> tuple[int, ...]:
 
 def grid_cells(config: BenchmarkConfig) -> list[tuple[str, float, int]]:
     """(init, fraction, seed) in run order: seed by seed, so a stopped benchmark has whole seeds to report."""
-    seeds = sorted({s for f in config.fractions for s in seeds_of(config, f)})
-    return [(i, f, s) for s in seeds for f in config.fractions if s in seeds_of(config, f) for i in config.inits]
+    seeds = sorted({s for f in budgets(config) for s in seeds_of(config, f)})
+    return [(i, f, s) for s in seeds for f in budgets(config) if s in seeds_of(config, f) for i in config.inits]
 
 
 def benchmark(config: BenchmarkConfig) -> Path:
@@ -189,7 +224,7 @@ def benchmark(config: BenchmarkConfig) -> Path:
     results_path = run_dir / "results.csv"
     encoders, pretrainings = _encoders(config)
     cells = grid_cells(config)
-    done = _finished(results_path)
+    done = _finished(results_path, bool(config.label_counts))
     for init, fraction, seed in cells:
         if (init, float(fraction), seed) in done:
             cell = run_config(config, init, fraction, seed, encoders)
@@ -199,16 +234,11 @@ def benchmark(config: BenchmarkConfig) -> Path:
     for name, pretrain_config in pretrainings:
         encoders[name] = str(pretrain(pretrain_config))
     for number, (init, fraction, seed) in enumerate(cells, start=1):
-        log.info("benchmark run %d/%d: %s, %g of the labels, seed %d", number, len(cells), init, fraction, seed)
+        amount = (f"{int(fraction) or 'all'} labelled images" if config.label_counts else f"{fraction:g} of the labels")
+        log.info("benchmark run %d/%d: %s, %s, seed %d", number, len(cells), init, amount, seed)
         result = finetune(run_config(config, init, fraction, seed, encoders))
         if (init, float(fraction), seed) in done:
             continue
-        row = {"init": init, **{key: result.get(key) for key in RESULT_COLUMNS if key != "init"}}
-        new_file = not results_path.exists()
-        with results_path.open("a", newline="") as stream:
-            writer = csv.DictWriter(stream, fieldnames=RESULT_COLUMNS)
-            if new_file:
-                writer.writeheader()
-            writer.writerow(row)
+        append_result(results_path, {**result, "init": init})
         write_report(run_dir)
     return write_report(run_dir)

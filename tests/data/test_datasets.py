@@ -241,12 +241,19 @@ def test_unknown_names_and_options() -> None:
         load_dataset("chexpert")
     with pytest.raises(ValueError, match="limt"):
         load_dataset("kermany", limt=3)
-    assert set(DATASETS) == {"pneumoniamnist", "kermany", "nih-cxr14", "folder", "dicom", "sarscov2-ct", "sarscov2-ct-slices"}
+    assert set(DATASETS) == {"pneumoniamnist", "kermany", "nih-cxr14", "folder", "dicom", "sarscov2-ct", "sarscov2-ct-slices",
+                             "cxr-lungseg", "cxr-lungseg-covid"}
 
 
 def test_unlabelled_excludes_test_and_adds_lungseg(shared_data: Path) -> None:
-    data = load_unlabelled(["pneumoniamnist", "cxr-lungseg"], shared_data, image_size=28)
+    data = load_unlabelled(["pneumoniamnist", "cxr-lungseg-all"], shared_data, image_size=28)
     assert len(data) == 4708 + 524 + 72 + 42 and data.images.shape[1:] == (1, 28, 28)
+    held_out = load_unlabelled(["cxr-lungseg", "cxr-lungseg-covid"], shared_data, image_size=28)
+    tested = [load_dataset(name, shared_data, image_size=28) for name in ("cxr-lungseg", "cxr-lungseg-covid")]
+    assert len(held_out) == sum(int((d.split != "test").sum()) for d in tested) < 72 + 42  # their test images dropped
+    test_images = np.concatenate([d.images[d.split == "test"] for d in tested]).reshape(-1, 28 * 28)
+    pooled = held_out.images.reshape(len(held_out), -1)
+    assert not any((pooled == image).all(axis=1).any() for image in test_images)
     assert "test" not in set(data.split) and (data.labels == -1).all() and data.class_names == ()
     with pytest.raises(ValueError, match="cxr-lungseg"):
         load_unlabelled(["folder"], shared_data)

@@ -3,7 +3,10 @@
 Shapes: ``N`` images, ``S`` the side of the square images.
 
 Held-out images must never be pretrained on: the Kermany test split *is* the PneumoniaMNIST test set, so
-``exclude_splits=("test",)`` (the default) drops it along with every other source's test split.
+``exclude_splits=("test",)`` (the default) drops it along with every other source's test split. The lung
+segmentation sets are sources twice: ``cxr-lungseg`` and ``cxr-lungseg-covid`` without their (fixed) test
+splits, for pretraining before a segmentation benchmark; ``cxr-lungseg-all``, every image of both (114), for
+pools whose models are never tested on them (the PneumoniaMNIST benchmark's pretraining).
 """
 
 from __future__ import annotations
@@ -24,15 +27,17 @@ from chestssl.errors import DataError
 logger = logging.getLogger(__name__)
 
 LUNGSEG = "cxr-lungseg"
+LUNGSEG_ALL = "cxr-lungseg-all"  # both segmentation sets whole, their test images included
 # every named dataset that needs no options; not the slice-level split of sarscov2-ct, whose training split holds
 # slices of sarscov2-ct's test patients
-SOURCES = tuple(name for name in DATASETS if name not in ("folder", "dicom", "sarscov2-ct-slices")) + (LUNGSEG,)
+SOURCES = tuple(name for name in DATASETS if name not in ("folder", "dicom", "sarscov2-ct-slices")) + (LUNGSEG_ALL,)
 
 
 def _load_lungseg(data_dir: Path, image_size: int) -> np.ndarray:
     """The 72 Montgomery/Shenzhen images (not their masks) and the 42 COVID-19 images: (114, S, S) uint8.
 
-    Their uploaders' train/val folders are segmentation splits, not held-out sets, so all are used.
+    The ``cxr-lungseg-all`` source: every image, the segmentation test splits included, so a pool holding it
+    must not be pretrained on before a segmentation benchmark (the benchmark refuses it).
     """
     folder = data_dir / LUNGSEG / "montgomery-shenzhen" / "images_512"
     pairs = data_dir / LUNGSEG / "covid" / "pairs_256.npz"
@@ -61,11 +66,12 @@ def load_unlabelled(
 
     Args:
         sources: names from ``DATASETS`` that need no options (pneumoniamnist, kermany, nih-cxr14) and/or
-            "cxr-lungseg" (Montgomery/Shenzhen and COVID-19 segmentation images).
+            the segmentation sets: "cxr-lungseg", "cxr-lungseg-covid" (their test splits dropped as any
+            other's) or "cxr-lungseg-all" (every image of both, for pools never tested on them).
         data_dir: folder holding the datasets; see :func:`~chestssl.data.paths.resolve_data_dir`.
         image_size: side S of the pooled images.
         exclude_splits: official splits to drop from every source (default the test splits). Sources with
-            no official split (nih-cxr14, cxr-lungseg) are kept whole: if you evaluate on a split you make of
+            no official split (nih-cxr14, cxr-lungseg-all) are kept whole: if you evaluate on a split you make of
             them later, leave them out of the pretraining pool.
 
     Returns:
@@ -80,7 +86,7 @@ def load_unlabelled(
     root = resolve_data_dir(data_dir)
     images, splits = [], []
     for source in sources:
-        if source == LUNGSEG:
+        if source == LUNGSEG_ALL:
             block = _load_lungseg(root, image_size)
             images.append(block[:, None])
             splits.append(np.full(len(block), "", dtype=str))
