@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chestssl.data.ct.cache import PREPROCESSING, ensure_splits
+from chestssl.data.ct.cache import PREPROCESSING, ensure_splits, load_nodule_mask, load_volume
 from chestssl.data.paths import resolve_data_dir
 from chestssl.data.splits import load_splits
 from chestssl.data.types import ImageDataset
@@ -152,14 +152,38 @@ def load_cache_splits(cache_dir: str | Path, split_seed: int = 0) -> Labelled:
     return Labelled(parts["train"], parts["val"], parts["test"], label_kind, tuple(names), 3, cache_preprocessing(cache))
 
 
+NODULE_SOURCE = "VOIs/image/"  # manifest sources of prepare-lidc's nodule cubes (not the full-CT lung crops)
+
+
+def load_cache_segmentation(cache_dir: str | Path, split_seed: int = 0) -> Labelled:
+    """Nodule segmentation from a ``prepare-lidc`` cache: every nodule cube (labelled for malignancy or not: the
+    mask is the label here) with its nodule mask, held in memory ((N, 1, S, S, S) float32 and (N, S, S, S) uint8;
+    1,000 cubes of 32^3 are 160 MB), split by the manifest's patient-level split, the classification benchmark's."""
+    cache = Path(cache_dir)
+    rows = [r for r in ensure_splits(cache, split_seed) if r["status"] == "ok" and r["source"].startswith(NODULE_SOURCE)]
+    if not rows:
+        raise DataError(f"{cache}/manifest.csv lists no nodule cube: nodule segmentation needs a prepare-lidc cache")
+    images = np.stack([load_volume(cache / r["file"])[0] for r in rows])[:, None]
+    masks = np.stack([load_nodule_mask(cache / r["file"]) for r in rows])
+    patients = np.array([r.get("patient_id") or r["id"] for r in rows])
+    splits = np.array([r.get("split", "") for r in rows])
+    everything = Split(images, masks, patients)
+    parts = {name: everything.subset(np.flatnonzero(splits == name)) for name in SPLIT_NAMES}
+    return Labelled(parts["train"], parts["val"], parts["test"], "segmentation", ("background", "nodule"), 3,
+                    cache_preprocessing(cache))
+
+
 def load_labelled(name: str, data_dir: str | None, image_size: int, split_seed: int, preprocessing: dict,
-                  cache_dir: str | None = None, root: str | None = None, labels_csv: str | None = None) -> Labelled:
+                  cache_dir: str | None = None, root: str | None = None, labels_csv: str | None = None,
+                  task: str = "classification") -> Labelled:
     """Train/val/test of a named X-ray dataset (``preprocessing`` is how its pixels become inputs), or of a CT
-    volume cache (``name == "ct-cache"``, its own ``preprocessing.json`` plus ``preprocessing["normalisation"]``)."""
+    volume cache (``name == "ct-cache"``, its own ``preprocessing.json`` plus ``preprocessing["normalisation"]``;
+    with ``task="segmentation"`` the nodule cubes and their masks, :func:`load_cache_segmentation`)."""
     if name == CT_CACHE:
         if not cache_dir:
             raise DataError("dataset ct-cache needs cache_dir: a folder written by prepare-ct or prepare-lidc")
-        data = load_cache_splits(cache_dir, split_seed)
+        loader = load_cache_segmentation if task == "segmentation" else load_cache_splits
+        data = loader(cache_dir, split_seed)
         record = {**data.preprocessing, "normalisation": preprocessing["normalisation"]}
         return Labelled(data.train, data.val, data.test, data.label_kind, data.class_names, 3, record)
     if name not in DATASETS:

@@ -28,7 +28,7 @@ RESULT_COLUMNS = [
 ]
 METRICS = [("test_auc", "AUC"), ("test_acc", "ACC"), ("test_balanced_accuracy", "Bal. acc"), ("test_f1_weighted", "F1 (w)")]
 SEGMENTATION_COLUMNS = [
-    "init", "label_count", "seed", "n_train", "n_val", "selection", "epochs", "best_epoch", "val_dice", "val_hd95",
+    "init", "label_fraction", "label_count", "seed", "n_train", "n_val", "selection", "epochs", "best_epoch", "val_dice", "val_hd95",
     "test_dice", "test_hd95", "test_hd95_missed",
 ]
 ENVIRONMENT_COLUMNS = ["seconds", "run_dir", "code_version", "torch", "monai", "device", "threads"]
@@ -88,15 +88,17 @@ def summarise(rows: list[dict]) -> list[dict]:
     95% interval for the first metric (AUC, or Dice). The budget is the label fraction, or for segmentation
     the number of labelled images (``label_fraction`` then holds it too, 0 meaning all, for sorting)."""
     segmentation = is_segmentation(rows)
-    budget_column = "label_count" if segmentation else "label_fraction"
+    # a segmentation grid counts labelled images (every label_fraction 1) or takes fractions of them
+    by_count = segmentation and all(float(r["label_fraction"]) == 1.0 for r in rows)
+    budget_column = "label_count" if by_count else "label_fraction"
     groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
     for row in rows:
         groups[(row["init"], float(row[budget_column]))].append(row)
     metrics = metrics_of(rows)
     summary = []
-    order = (lambda item: (item[0][1] or math.inf, item[0][0])) if segmentation else (lambda item: (item[0][1], item[0][0]))
+    order = (lambda item: (item[0][1] or math.inf, item[0][0])) if by_count else (lambda item: (item[0][1], item[0][0]))
     for (init, budget), members in sorted(groups.items(), key=order):
-        entry = {"init": init, "label_fraction": budget, "seeds": len(members), "segmentation": segmentation,
+        entry = {"init": init, "label_fraction": budget, "seeds": len(members), "by_count": by_count,
                  "n_train": int(np.mean([int(m["n_train"]) for m in members])),
                  "selection": members[0]["selection"]}
         for key, _ in metrics:
@@ -125,7 +127,7 @@ def _cell(mean_std: tuple[float, float]) -> str:
 
 
 def _budget(entry: dict) -> str:
-    if entry.get("segmentation"):
+    if entry.get("by_count"):
         return "all" if not entry["label_fraction"] else f"{int(entry['label_fraction'])} images"
     fraction = entry["label_fraction"]
     return f"{fraction:.0%}" if fraction >= 0.01 else f"{fraction:.1%}"
@@ -147,7 +149,7 @@ def plot(summary: list[dict], path: Path, metrics: list[tuple[str, str]] = METRI
     """The first two metrics (mean ± std over seeds) against the label budget, one line per initialisation;
     for segmentation against the number of labelled images (all: the mean size of the training split)."""
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    segmentation = bool(summary) and summary[0].get("segmentation")
+    segmentation = bool(summary) and summary[0].get("by_count")
     for axis, (key, name) in zip(axes, metrics[:2]):
         for init in sorted({e["init"] for e in summary}):
             entries = [e for e in summary if e["init"] == init]

@@ -142,7 +142,7 @@ def load_data(config: FinetuneConfig) -> Labelled:
     """Train/val/test for the run: a named 2D dataset, or a CT volume cache (``dataset: ct-cache``)."""
     return load_labelled(config.dataset, config.data_dir, config.image_size, config.split_seed,
                          xray_preprocessing(config.image_size, config.normalisation()), cache_dir=config.cache_dir,
-                         root=config.dataset_root, labels_csv=config.labels_csv)
+                         root=config.dataset_root, labels_csv=config.labels_csv, task=config.task)
 
 
 def _check_inputs(record: dict[str, Any], data: Labelled, source: str) -> None:

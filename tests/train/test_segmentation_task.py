@@ -12,6 +12,7 @@ import torch
 from chestssl.data.batch import Batches, Normalisation
 from chestssl.data.views import ViewConfig
 from chestssl.errors import ConfigError, DataError
+from chestssl.models.resnet import ResNetConfig
 from chestssl.report.tables import append_result, write_report
 from chestssl.train.evaluate import segmentation_metrics
 from chestssl.train.finetune import FinetuneConfig, finetune
@@ -113,7 +114,7 @@ def test_a_segmentation_benchmark_refuses_pretraining_on_its_test_images():
 def test_segmentation_results_make_a_report_and_refuse_other_columns(tmp_path):
     for seed, dice in ((0, 0.8), (1, 0.9)):
         append_result(tmp_path / "results.csv", {
-            "task": "segmentation", "init": "resnet18-scratch", "label_count": 5, "seed": seed, "n_train": 5,
+            "task": "segmentation", "init": "resnet18-scratch", "label_fraction": 1.0, "label_count": 5, "seed": seed, "n_train": 5,
             "n_val": 0, "selection": "fixed", "epochs": 3, "best_epoch": 2, "test_dice": dice, "test_hd95": 4.0,
             "test_hd95_missed": 0, "test_dice_lung": dice, "test_hd95_lung": 4.0, "seconds": 1.0})
     report = write_report(tmp_path).read_text()
@@ -145,3 +146,30 @@ def test_predict_writes_each_xray_its_mask_at_its_own_size_and_export_matches(tm
     pytest.importorskip("onnxruntime")
     record = export_onnx(tmp_path / "run", tmp_path / "seg.onnx", [str(images[0])])
     assert record["output"]["shape"] == ["batch", 2, 32, 32] and record["check"]["max_abs_difference"] < 1e-4
+
+
+def test_nodule_segmentation_in_3d_from_a_prepare_lidc_cache(tmp_path, shared_data):
+    from chestssl.data.ct.cache import load_nodule_mask, read_manifest, save_volume
+    from chestssl.data.ct.lidc import build_lidc_nodules
+    from chestssl.data.datasets import load_cache_segmentation
+
+    cache = tmp_path / "lidc"
+    build_lidc_nodules(shared_data, cache, size=16, spacing_mm=2.0, limit=40, labels="max-vote")
+    data = load_cache_segmentation(cache)
+    assert data.spatial_dims == 3 and data.class_names == ("background", "nodule")
+    total = len(data.train) + len(data.val) + len(data.test)
+    assert total == sum(r["status"] == "ok" for r in read_manifest(cache))  # every nodule, labelled or not
+    assert data.train.inputs.shape[1:] == (1, 16, 16, 16) and data.train.labels.shape[1:] == (16, 16, 16)
+    assert not set(data.train.patient_ids) & set(data.test.patient_ids)
+    share = data.train.labels.reshape(len(data.train), -1).mean(axis=1)
+    assert (share > 0).all() and (share < 0.9).all()  # a nodule in every cube, never the whole cube
+    result = finetune(FinetuneConfig(
+        run_dir=str(tmp_path / "run"), dataset="ct-cache", cache_dir=str(cache), task="segmentation", encoder="resnet",
+        resnet=ResNetConfig(widths=(8, 8, 8, 8), small_input=True), label_fraction=0.5, epochs=1, min_steps=3,
+        batch_size=4, selection="fixed", checkpoint_every=0, views=ViewConfig(flip_axes=(-1, -2, -3))))
+    assert result["n_train"] == round(0.5 * len(data.train)) and 0 <= result["test_dice_nodule"] <= 1
+    assert load_model(tmp_path / "run").task.class_names == ("background", "nodule")
+    old = tmp_path / "old"  # a cube written before the masks were cached: refused with the reason
+    save_volume(old / "a.npz", np.zeros((4, 4, 4)), np.zeros((4, 4, 4), bool))
+    with pytest.raises(DataError, match="no nodule mask"):
+        load_nodule_mask(old / "a.npz")

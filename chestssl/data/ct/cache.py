@@ -109,21 +109,25 @@ def stored_values(image: np.ndarray) -> np.ndarray:
     return np.clip(image, 0, 1).astype(np.float16)
 
 
-def save_volume(path: str | Path, image: np.ndarray, lung: np.ndarray, compress: bool = True) -> None:
-    """Write one preprocessed volume atomically (temporary file, then rename): image float16, lung uint8.
+def save_volume(path: str | Path, image: np.ndarray, lung: np.ndarray, compress: bool = True,
+                nodule: np.ndarray | None = None) -> None:
+    """Write one preprocessed volume atomically (temporary file, then rename): image float16, lung uint8, and
+    where given the nodule mask uint8 (``prepare-lidc``: the segmentation target).
 
     ``compress=False`` writes a plain ``.npz``: at 128^3 about 1.6-2x the disk and 5-6x faster to read back
     (``python benchmarks/scale_estimate.py``), for when the loader workers, not the GPU, bound pretraining.
     """
     path = Path(path)
-    if image.shape != lung.shape:
-        raise ValueError(f"image {image.shape} and lung mask {lung.shape} differ in shape")
+    if image.shape != lung.shape or (nodule is not None and nodule.shape != image.shape):
+        raise ValueError(f"image {image.shape}, lung mask {lung.shape} and nodule mask "
+                         f"{None if nodule is None else nodule.shape} differ in shape")
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
     os.close(handle)
     try:
         save = np.savez_compressed if compress else np.savez
-        save(temporary, image=stored_values(image), lung=lung.astype(np.uint8))
+        extra = {} if nodule is None else {"nodule": nodule.astype(np.uint8)}
+        save(temporary, image=stored_values(image), lung=lung.astype(np.uint8), **extra)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -137,6 +141,20 @@ def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             return archive["image"].astype(np.float32), archive["lung"].astype(bool)
     except (OSError, KeyError, ValueError) as error:
         raise DataError(f"cached volume {path} is unreadable ({type(error).__name__}: {error}); delete it and re-run the step that wrote it (prepare-ct or a dataset builder)") from error
+
+
+def load_nodule_mask(path: str | Path) -> np.ndarray:
+    """The nodule mask uint8 (D, H, W) of a ``prepare-lidc`` cube; DataError if the file has none."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "nodule" not in archive.files:
+                raise DataError(f"cached volume {path} holds no nodule mask: it was written before prepare-lidc "
+                                "cached the masks (or is not a nodule cube); prepare a new cache directory")
+            return archive["nodule"].astype(np.uint8)
+    except (OSError, ValueError) as error:
+        if isinstance(error, DataError):
+            raise
+        raise DataError(f"cached volume {path} is unreadable ({type(error).__name__}: {error})") from error
 
 
 def read_manifest(cache: str | Path) -> list[dict[str, str]]:

@@ -109,7 +109,8 @@ def build_lidc_nodules(
     workers: int = 1, limit: int | None = None, labels: str = "malignancy",
 ) -> Path:
     """Write a cube per index row (:func:`~chestssl.data.ct.nodule_cube.nodule_cube`, saved with ``lung`` =
-    :func:`~chestssl.data.ct.nodule_cube.lung_region`) and the manifest.
+    :func:`~chestssl.data.ct.nodule_cube.lung_region` and ``nodule``, the nodule mask cut to the cube: the target
+    of nodule segmentation) and the manifest.
 
     Manifest rows: label 1 malignant / 0 benign by ``labels`` (:data:`LABEL_RULES`; empty for an indeterminate
     nodule, which stays in the cache as unlabelled data for pretraining), patient_id from the index, split from
@@ -202,7 +203,7 @@ def _build_one(task: tuple[dict[str, str], Path, Path, dict]) -> tuple[dict[str,
                            settings["hu_low"], settings["hu_high"])
     except (ValueError, OSError, RuntimeError) as error:  # DataError is a ValueError; SimpleITK raises RuntimeError
         return manifest | {"reason": f"{row['file']}: {error}"}, None
-    save_volume(cache_dir / f"{key}.npz", cube.image, cube.lung)
+    save_volume(cache_dir / f"{key}.npz", cube.image, cube.lung, nodule=cube.nodule)
     voxel_ml = settings["spacing_mm"] ** 3 / 1000
     manifest |= {"status": "ok", "file": f"{key}.npz", "shape": "x".join([str(settings["size"])] * 3),
                  "spacing_mm": "x".join([f"{settings['spacing_mm']:g}"] * 3),
