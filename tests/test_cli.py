@@ -16,7 +16,7 @@ def test_tiny_benchmark_end_to_end_and_resume(shared_data, tmp_path, capsys):
         "benchmark", "--data-dir", str(shared_data), "--run-dir", str(run_dir),
         "fractions=[0.02, 0.1]", "seeds=[0, 1]", "inits=[resnet18-scratch, vit-scratch, vit-mae]",
         "pretrain.sources=[pneumoniamnist]", "pretrain.epochs=1", "pretrain.batch_size=512",
-        "finetune.epochs=1", "finetune.min_steps=2", "finetune.batch_size=64",
+        "finetune.epochs=1", "finetune.min_steps=2", "finetune.batch_size=64", "finetune.resnet.widths=[8,16,16,16]",
         *[f"pretrain.{o}" for o in TINY_VIT], *[f"finetune.{o}" for o in TINY_VIT],
     ]
     assert main(arguments) == 0

@@ -211,7 +211,8 @@ def _choose(config: FinetuneConfig, data: Labelled) -> tuple[Split, Split | None
         return chosen, val, note
     share = max(1, round(len(chosen) * len(val) / len(train))) if count else 0
     indices = _labelled_subset(val, data, config.label_fraction, share, config.seed, "validation split")
-    return chosen, val.subset(indices), f"validation subset of the same share ({len(indices)} of {len(val)})"
+    kind = "share of images" if count else "fraction"
+    return chosen, val.subset(indices), f"validation subset of the same {kind} ({len(indices)} of {len(val)})"
 
 
 def freeze_then_unfreeze(model: torch.nn.Module, optimizer: torch.optim.Optimizer, freeze_epochs: int,
