@@ -29,6 +29,16 @@ from chestssl.train.evaluate import auc, classification_metrics, cross_entropy, 
 LABEL_KINDS = ("binary", "multiclass", "multilabel")
 
 
+@torch.no_grad()
+def scores_in_order(task: "Classification | Segmentation", model: nn.Module, batches: Batches) -> np.ndarray:
+    """``task.scores_of`` over every batch of ``batches`` in order, the model in evaluation mode meanwhile."""
+    was_training = model.training
+    model.eval()
+    outputs = [task.scores_of(model, batch.images) for batch in batches.epoch(0, 0)]
+    model.train(was_training)
+    return np.concatenate(outputs)
+
+
 class Classification:
     """Image- or volume-level labels: binary (one logit), multiclass (softmax) or multilabel (K sigmoids).
 
@@ -53,14 +63,9 @@ class Classification:
                     weights: torch.Tensor | None = None) -> Classifier:
         return Classifier(encoder, feature_size, self.num_outputs, self.label_kind, weights, feature_norm)
 
-    @torch.no_grad()
     def scores(self, model: nn.Module, batches: Batches) -> np.ndarray:
         """Probabilities for every sample of ``batches`` (in order, evaluation mode): (N,) or (N, K)."""
-        was_training = model.training
-        model.eval()
-        outputs = [self.scores_of(model, batch.images) for batch in batches.epoch(0, 0)]
-        model.train(was_training)
-        return np.concatenate(outputs)
+        return scores_in_order(self, model, batches)
 
     @torch.no_grad()
     def scores_of(self, model: nn.Module, x: torch.Tensor) -> np.ndarray:
@@ -129,14 +134,9 @@ class Segmentation:
                               "keeps the encoder frozen for a while)")
         return build_segmentation(encoder, self.num_outputs)
 
-    @torch.no_grad()
     def scores(self, model: nn.Module, batches: Batches) -> np.ndarray:
         """Class probabilities of every sample, in order, evaluation mode: (N, K, *S)."""
-        was_training = model.training
-        model.eval()
-        outputs = [self.scores_of(model, batch.images) for batch in batches.epoch(0, 0)]
-        model.train(was_training)
-        return np.concatenate(outputs)
+        return scores_in_order(self, model, batches)
 
     @torch.no_grad()
     def scores_of(self, model: nn.Module, x: torch.Tensor) -> np.ndarray:
