@@ -35,6 +35,9 @@ def test_tiny_benchmark_end_to_end_and_resume(shared_data, tmp_path, capsys):
     report = (run_dir / "report.md").read_text()
     assert "| 2% | vit-mae | 94 | 2 |" in report and "±" in report
     assert (run_dir / "report.html").read_text().startswith("<!doctype html>")
+    cost = next(line for line in report.splitlines() if line.startswith("| pretrain |"))
+    assert cost.startswith("| pretrain | mae | vit | 1 of 1 | 10 |") and cost.endswith("GiB | not recorded |")
+    assert "<h2>Pretraining cost</h2>" in (run_dir / "report.html").read_text()
     assert (run_dir / "metric_vs_fraction.png").stat().st_size > 1000
     assert list((run_dir / "pretrain").glob("reconstruction_epoch*.png"))
     first = run_dir / "runs" / "vit-mae_f0.02_s0"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -18,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import yaml  # noqa: E402
 
 from chestssl.errors import DataError  # noqa: E402
 
@@ -110,6 +112,50 @@ def summarise(rows: list[dict]) -> list[dict]:
     return summary
 
 
+BASELINE = "resnet18-scratch"  # what each initialisation is paired with, seed by seed
+LOWER_IS_BETTER = {"test_hd95"}
+
+
+def paired_differences(rows: list[dict], baseline: str = BASELINE) -> list[dict]:
+    """Each initialisation minus ``baseline``, seed by seed at the same budget (a seed draws the same labelled
+    subset for every initialisation, so the pair differs in the initialisation alone): per metric of the first
+    two, the mean and sample std of the differences and in how many seeds the initialisation did better."""
+    metrics = metrics_of(rows)[:2]
+    summary = {(entry["init"], entry["label_fraction"]): entry for entry in summarise(rows)}
+    budget_column = "label_count" if next(iter(summary.values()), {}).get("by_count") else "label_fraction"
+    by_cell = {(r["init"], float(r[budget_column]), int(r["seed"])): r for r in rows}
+    paired = []
+    for (init, budget), entry in summary.items():
+        if init == baseline:
+            continue
+        seeds = sorted(s for (i, b, s) in by_cell if i == init and b == budget and (baseline, budget, s) in by_cell)
+        if not seeds:
+            continue
+        item = {"init": init, "label_fraction": budget, "by_count": entry["by_count"], "seeds": len(seeds)}
+        for key, _ in metrics:
+            ours = np.array([_number(by_cell[(init, budget, s)][key]) for s in seeds])
+            differences = ours - np.array([_number(by_cell[(baseline, budget, s)][key]) for s in seeds])
+            better = differences < 0 if key in LOWER_IS_BETTER else differences > 0
+            item[key] = (float(differences.mean()), float(differences.std(ddof=1)) if len(seeds) > 1 else float("nan"))
+            item[key + "_better"] = int(better.sum())
+        paired.append(item)
+    return paired
+
+
+def paired_table(paired: list[dict], metrics: list[tuple[str, str]], baseline: str = BASELINE) -> str:
+    """Markdown table of ``paired_differences``."""
+    names = " | ".join(f"{name} minus {baseline} | better in" for _, name in metrics[:2])
+    lines = [f"| labels | init | paired seeds | {names} |", "|" + "---|" * (3 + 2 * len(metrics[:2]))]
+    for item in paired:
+        cells = [_budget(item), item["init"], str(item["seeds"])]
+        for key, _ in metrics[:2]:
+            mean, std = item[key]
+            difference = f"{mean:+.3f}" if math.isnan(std) else f"{mean:+.3f} ± {std:.3f}"
+            cells += [difference, f"{item[key + '_better']} of {item['seeds']}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def confidence_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     """Student-t interval for the mean over seeds; (nan, nan) for a single seed."""
     from scipy import stats
@@ -168,6 +214,51 @@ def plot(summary: list[dict], path: Path, metrics: list[tuple[str, str]] = METRI
     return path
 
 
+def pretraining_costs(run_dir: Path) -> list[dict]:
+    """The cost of each pretraining a benchmark ran (its ``pretrain*`` folders): epochs done, median seconds per
+    epoch and the peak resident (and GPU) memory its epochs recorded, from ``metrics.jsonl`` and ``config.yaml``."""
+    costs = []
+    for folder in sorted(run_dir.glob("pretrain*")):
+        metrics, settings = folder / "metrics.jsonl", folder / "config.yaml"
+        if not (metrics.is_file() and settings.is_file()):
+            continue
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        if not records:
+            continue
+        config = yaml.safe_load(settings.read_text()) or {}
+        rss = [r["peak_rss_mib"] for r in records if "peak_rss_mib" in r]
+        gpu = [r["peak_gpu_mib"] for r in records if "peak_gpu_mib" in r]
+        costs.append({
+            "pretraining": folder.name, "method": config.get("method", "?"), "encoder": config.get("encoder", "?"),
+            "epochs": f"{len(records)} of {config.get('epochs', '?')}",
+            "seconds_per_epoch": float(np.median([r["epoch_seconds"] for r in records])),
+            "steps_per_epoch": records[0].get("step", 0) // max(records[0].get("epoch", 0) + 1, 1),
+            "peak_rss_gib": max(rss) / 1024 if rss else None, "peak_gpu_gib": max(gpu) / 1024 if gpu else None,
+        })
+    return costs
+
+
+def costs_table(costs: list[dict]) -> str:
+    """Markdown table of ``pretraining_costs``."""
+    lines = ["| pretraining | method | encoder | epochs | steps per epoch | s per epoch (median) | peak RSS "
+             "| peak GPU |", "|---|---|---|---|---|---|---|---|"]
+    for cost in costs:
+        memory = [f"{cost[k]:.2f} GiB" if cost[k] is not None else "not recorded"
+                  for k in ("peak_rss_gib", "peak_gpu_gib")]
+        lines.append(f"| {cost['pretraining']} | {cost['method']} | {cost['encoder']} | {cost['epochs']} | "
+                     f"{cost['steps_per_epoch']} | {cost['seconds_per_epoch']:.1f} | {memory[0]} | {memory[1]} |")
+    return "\n".join(lines)
+
+
+def _html_table(markdown: str) -> str:
+    """A Markdown table (header, rule, rows) as an HTML table."""
+    lines = markdown.splitlines()
+    cells = [[html.escape(cell.strip()) for cell in line.strip("|").split("|")] for line in lines]
+    head = "".join(f"<th>{cell}</th>" for cell in cells[0])
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in cells[2:])
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``report.md``, ``report.html`` and ``metric_vs_fraction.png`` for a benchmark directory."""
     run_dir = Path(run_dir)
@@ -187,18 +278,26 @@ def write_report(run_dir: str | Path) -> Path:
         measured = "ACC at threshold 0.5 as the MedMNIST evaluator computes it."
     notes = (f"{len(rows)} runs. Test metrics on the test split; mean ± sample std over seeds, and a Student-t "
              f"95% confidence interval for the mean {metrics[0][1]}. {measured} Model selection: {'; '.join(selections)}.")
-    (run_dir / "report.md").write_text(f"# Label-efficiency benchmark\n\n{notes}\n\n{table}\n\n![metric vs fraction]({figure.name})\n")
+    paired = paired_differences(rows)
+    paired_section = (f"\n## Against {BASELINE}, seed by seed\n\nThe same seed draws the same labelled images "
+                      f"for every initialisation, so each pair differs in the initialisation alone.\n\n"
+                      f"{paired_table(paired, metrics)}\n" if paired else "")
+    costs = pretraining_costs(run_dir)
+    cost_section = (f"\n## Pretraining cost\n\nFrom each pretraining's metrics.jsonl (peak memory of the process "
+                    f"as its epochs recorded it).\n\n{costs_table(costs)}\n" if costs else "")
+    (run_dir / "report.md").write_text(
+        f"# Label-efficiency benchmark\n\n{notes}\n\n{table}\n\n![metric vs fraction]({figure.name})\n"
+        f"{paired_section}{cost_section}")
     image = base64.b64encode(figure.read_bytes()).decode()
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(cell.strip())}</td>" for cell in line.strip("|").split("|")) + "</tr>"
-        for line in table.splitlines()[2:]
-    )
-    head = "".join(f"<th>{html.escape(c.strip())}</th>" for c in table.splitlines()[0].strip("|").split("|"))
+    cost_html = f"<h2>Pretraining cost</h2>{_html_table(costs_table(costs))}" if costs else ""
+    paired_html = (f"<h2>Against {BASELINE}, seed by seed</h2>{_html_table(paired_table(paired, metrics))}"
+                   if paired else "")
     (run_dir / "report.html").write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>chestssl benchmark</title>"
         "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body>"
-        f"<h1>Label-efficiency benchmark</h1><p>{html.escape(notes)}</p><table><tr>{head}</tr>{body}</table>"
-        f"<p><img alt='metric vs fraction' src='data:image/png;base64,{image}'></p></body></html>"
+        f"<h1>Label-efficiency benchmark</h1><p>{html.escape(notes)}</p>{_html_table(table)}"
+        f"<p><img alt='metric vs fraction' src='data:image/png;base64,{image}'></p>{paired_html}{cost_html}"
+        "</body></html>"
     )
     return run_dir / "report.md"

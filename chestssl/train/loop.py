@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -94,6 +96,15 @@ def _truncate_metrics(path: Path, start_epoch: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("epoch", -1) < start_epoch]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def peak_memory_mib(device: torch.device | None = None) -> dict[str, float]:
+    """This process's peak resident memory so far (MiB) and, on a CUDA device, the peak memory allocated on it."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak = {"peak_rss_mib": round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)}
+    if device is not None and device.type == "cuda":
+        peak["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
 
 
 def train_step(trained: nn.Module, optimizer: torch.optim.Optimizer, batch: Any, context: Context,
@@ -209,6 +220,7 @@ def fit(
             "train_loss": mean_across(float(np.mean(losses)) if losses else float("nan"), context),
             "lr": lr if losses else None,
             "epoch_seconds": round(time.perf_counter() - started, 3),
+            **peak_memory_mib(context.device),
             **{name: mean_across(float(np.mean(values)), context) for name, values in sorted(extras.items())},
         }
         if on_epoch_end is not None:

@@ -1,0 +1,33 @@
+"""The benchmark report's paired comparison and pretraining-cost table, on hand-made results."""
+
+import json
+
+import pytest
+
+from chestssl.report.tables import append_result, paired_differences, read_results, write_report
+
+
+def _row(init, fraction, seed, auc, acc):
+    return {"init": init, "label_fraction": fraction, "seed": seed, "n_train": 47, "n_val": 5, "selection": "fixed",
+            "epochs": 1, "best_epoch": 0, "val_auc": 1.0, "test_auc": auc, "test_acc": acc,
+            "test_balanced_accuracy": acc, "test_f1_weighted": acc, "seconds": 1.0, "run_dir": "x"}
+
+
+def test_paired_differences_pair_the_same_seed_and_count_wins(tmp_path):
+    rows = [_row("resnet18-scratch", 0.01, 0, 0.80, 0.70), _row("resnet18-scratch", 0.01, 1, 0.90, 0.80),
+            _row("resnet18-spark", 0.01, 0, 0.85, 0.70), _row("resnet18-spark", 0.01, 1, 0.88, 0.90),
+            _row("resnet18-spark", 0.01, 2, 0.99, 0.99)]  # seed 2 has no scratch twin: left out
+    for row in rows:
+        append_result(tmp_path / "results.csv", row)
+    (paired,) = paired_differences(read_results(tmp_path / "results.csv"))
+    assert paired["init"] == "resnet18-spark" and paired["seeds"] == 2
+    assert paired["test_auc"][0] == pytest.approx(0.015) and paired["test_auc"][1] == pytest.approx(0.0495, abs=1e-4)
+    assert paired["test_auc_better"] == 1 and paired["test_acc_better"] == 1  # a tie is not a win
+    (tmp_path / "pretrain_spark").mkdir()
+    (tmp_path / "pretrain_spark" / "config.yaml").write_text("method: spark\nencoder: resnet\nepochs: 20\n")
+    records = [{"epoch": 0, "step": 24, "epoch_seconds": 150.0, "peak_rss_mib": 2048.0},
+               {"epoch": 1, "step": 48, "epoch_seconds": 140.0, "peak_rss_mib": 3072.0}]
+    (tmp_path / "pretrain_spark" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = write_report(tmp_path).read_text()
+    assert "| 1% | resnet18-spark | 2 | +0.015 ± 0.049 | 1 of 2 | +0.050 ± 0.071 | 1 of 2 |" in report
+    assert "| pretrain_spark | spark | resnet | 2 of 20 | 24 | 145.0 | 3.00 GiB | not recorded |" in report
