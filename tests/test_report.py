@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from chestssl.report.tables import append_result, paired_differences, read_results, write_report
+from chestssl.report.tables import append_result, paired_differences, read_results, summarise, write_report
 
 
 def _row(init, fraction, seed, auc, acc):
@@ -19,7 +19,8 @@ def test_paired_differences_pair_the_same_seed_and_count_wins(tmp_path):
             _row("resnet18-spark", 0.01, 2, 0.99, 0.99)]  # seed 2 has no scratch twin: left out
     for row in rows:
         append_result(tmp_path / "results.csv", row)
-    (paired,) = paired_differences(read_results(tmp_path / "results.csv"))
+    results = read_results(tmp_path / "results.csv")
+    (paired,) = paired_differences(results, summarise(results))
     assert paired["init"] == "resnet18-spark" and paired["seeds"] == 2
     assert paired["test_auc"][0] == pytest.approx(0.015) and paired["test_auc"][1] == pytest.approx(0.0495, abs=1e-4)
     assert paired["test_auc_better"] == 1 and paired["test_acc_better"] == 1  # a tie is not a win

@@ -116,27 +116,27 @@ BASELINE = "resnet18-scratch"  # what each initialisation is paired with, seed b
 LOWER_IS_BETTER = {"test_hd95"}
 
 
-def paired_differences(rows: list[dict], baseline: str = BASELINE) -> list[dict]:
+def paired_differences(rows: list[dict], summary: list[dict], baseline: str = BASELINE) -> list[dict]:
     """Each initialisation minus ``baseline``, seed by seed at the same budget (a seed draws the same labelled
     subset for every initialisation, so the pair differs in the initialisation alone): per metric of the first
-    two, the mean and sample std of the differences and in how many seeds the initialisation did better."""
-    metrics = metrics_of(rows)[:2]
-    summary = {(entry["init"], entry["label_fraction"]): entry for entry in summarise(rows)}
-    budget_column = "label_count" if next(iter(summary.values()), {}).get("by_count") else "label_fraction"
-    by_cell = {(r["init"], float(r[budget_column]), int(r["seed"])): r for r in rows}
+    two, the mean and sample std of the differences and in how many seeds the initialisation did better.
+    ``summary`` is ``summarise(rows)``: its entries give the budgets and how they are counted."""
+    by_count = bool(summary) and summary[0]["by_count"]
+    seeds: dict[tuple[str, float], dict[int, dict]] = defaultdict(dict)
+    for row in rows:
+        seeds[(row["init"], float(row["label_count" if by_count else "label_fraction"]))][int(row["seed"])] = row
     paired = []
-    for (init, budget), entry in summary.items():
-        if init == baseline:
+    for entry in summary:
+        init, budget = entry["init"], entry["label_fraction"]
+        ours, theirs = seeds[(init, budget)], seeds.get((baseline, budget), {})
+        common = sorted(ours.keys() & theirs.keys())
+        if init == baseline or not common:
             continue
-        seeds = sorted(s for (i, b, s) in by_cell if i == init and b == budget and (baseline, budget, s) in by_cell)
-        if not seeds:
-            continue
-        item = {"init": init, "label_fraction": budget, "by_count": entry["by_count"], "seeds": len(seeds)}
-        for key, _ in metrics:
-            ours = np.array([_number(by_cell[(init, budget, s)][key]) for s in seeds])
-            differences = ours - np.array([_number(by_cell[(baseline, budget, s)][key]) for s in seeds])
+        item = {"init": init, "label_fraction": budget, "by_count": by_count, "seeds": len(common)}
+        for key, _ in metrics_of(rows)[:2]:
+            differences = np.array([_number(ours[s][key]) - _number(theirs[s][key]) for s in common])
             better = differences < 0 if key in LOWER_IS_BETTER else differences > 0
-            item[key] = (float(differences.mean()), float(differences.std(ddof=1)) if len(seeds) > 1 else float("nan"))
+            item[key] = (float(differences.mean()), float(differences.std(ddof=1)) if len(common) > 1 else float("nan"))
             item[key + "_better"] = int(better.sum())
         paired.append(item)
     return paired
@@ -278,7 +278,7 @@ def write_report(run_dir: str | Path) -> Path:
         measured = "ACC at threshold 0.5 as the MedMNIST evaluator computes it."
     notes = (f"{len(rows)} runs. Test metrics on the test split; mean ± sample std over seeds, and a Student-t "
              f"95% confidence interval for the mean {metrics[0][1]}. {measured} Model selection: {'; '.join(selections)}.")
-    paired = paired_differences(rows)
+    paired = paired_differences(rows, summary)
     paired_section = (f"\n## Against {BASELINE}, seed by seed\n\nThe same seed draws the same labelled images "
                       f"for every initialisation, so each pair differs in the initialisation alone.\n\n"
                       f"{paired_table(paired, metrics)}\n" if paired else "")
