@@ -32,3 +32,34 @@ def test_paired_differences_pair_the_same_seed_and_count_wins(tmp_path):
     report = write_report(tmp_path).read_text()
     assert "| 1% | resnet18-spark | 2 | +0.015 ± 0.049 | 1 of 2 | +0.050 ± 0.071 | 1 of 2 |" in report
     assert "| pretrain_spark | spark | resnet | 2 of 20 | 24 | 145.0 | 3.00 GiB | not recorded |" in report
+
+
+def test_label_efficiency_gives_what_each_init_loses_and_its_pretraining_cost(tmp_path):
+    rows = [_row("resnet18-scratch", 1.0, 0, 0.98, 0.94), _row("resnet18-scratch", 0.01, 0, 0.90, 0.80),
+            _row("resnet18-spark", 1.0, 0, 0.98, 0.92), _row("resnet18-spark", 0.01, 0, 0.93, 0.86),
+            _row("resnet18-spark", 0.01, 1, 0.95, 0.88),
+            _row("resnet18-mocov2", 0.01, 0, 0.91, 0.85)]  # never run at 100%: no row
+    for row in rows:
+        append_result(tmp_path / "results.csv", row)
+    (tmp_path / "pretrain_spark").mkdir()
+    (tmp_path / "pretrain_spark" / "config.yaml").write_text("method: spark\nencoder: resnet\nepochs: 20\n")
+    record = {"epoch": 0, "step": 24, "epoch_seconds": 150.0, "peak_rss_mib": 2048.0}
+    (tmp_path / "pretrain_spark" / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    report = write_report(tmp_path).read_text()
+    section = report.split("## From the most labels to the fewest")[1]
+    assert "| resnet18-scratch | 0.980 | 0.900 | +0.080 | 0.940 | 0.800 | +0.140 | none |" in section
+    # spark at 1% is the mean of its two seeds: AUC 0.94, ACC 0.87
+    assert "| resnet18-spark | 0.980 | 0.940 | +0.040 | 0.920 | 0.870 | +0.050 | spark (pretrain_spark) | 150.0 | 1 of 20 | 2.00 GiB |" in section
+    assert "resnet18-mocov2" not in section.split("## Pretraining cost")[0]
+
+
+def test_label_efficiency_counts_a_rise_in_hd95_as_lost():
+    from chestssl.report.tables import label_efficiency
+
+    def entry(count, dice, hd95):
+        return {"init": "vit-scratch", "label_fraction": count, "by_count": True, "test_dice": (dice, 0.0),
+                "test_hd95": (hd95, 0.0)}
+    metrics = [("test_dice", "Dice"), ("test_hd95", "HD95")]
+    (row,) = label_efficiency([entry(5, 0.80, 9.0), entry(0, 0.95, 3.0)], [], metrics)  # 0: all images
+    assert row["test_dice"] == pytest.approx(0.15) and row["test_hd95"] == pytest.approx(6.0)
+    assert row["cost"] is None

@@ -250,6 +250,54 @@ def costs_table(costs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def label_efficiency(summary: list[dict], costs: list[dict], metrics: list[tuple[str, str]]) -> list[dict]:
+    """Per initialisation, its first two metrics at the grid's largest and smallest budgets (Wolf et al.'s "which
+    method degrades least as labels shrink"), the amount lost between them (positive: worse with fewer labels;
+    HD95 counts up), and the cost of the pretraining it starts from (None for one from scratch). Only
+    initialisations run at both budgets; ``summary`` is ``summarise(rows)``, ``costs`` ``pretraining_costs``,
+    ``metrics`` ``metrics_of(rows)``."""
+    from chestssl.train.protocol import init_pretraining  # the benchmark imports this module
+
+    if not summary:
+        return []
+    size = (lambda entry: entry["label_fraction"] or math.inf) if summary[0]["by_count"] else (lambda entry: entry["label_fraction"])
+    largest, smallest = max(map(size, summary)), min(map(size, summary))
+    if largest == smallest:
+        return []
+    by_folder = {cost["pretraining"]: cost for cost in costs}
+    rows = []
+    for init in dict.fromkeys(entry["init"] for entry in summary):
+        ends = {size(e): e for e in summary if e["init"] == init}
+        if largest not in ends or smallest not in ends:
+            continue
+        most, fewest = ends[largest], ends[smallest]
+        item = {"init": init, "most": most, "fewest": fewest, "cost": by_folder.get(init_pretraining(init) or "")}
+        for key, _ in metrics[:2]:
+            lost = most[key][0] - fewest[key][0]
+            item[key] = -lost if key in LOWER_IS_BETTER else lost
+        rows.append(item)
+    return rows
+
+
+def efficiency_table(rows: list[dict], metrics: list[tuple[str, str]]) -> str:
+    """Markdown table of ``label_efficiency``."""
+    most, fewest = _budget(rows[0]["most"]), _budget(rows[0]["fewest"])
+    names = " | ".join(f"{name} at {most} | at {fewest} | lost" for _, name in metrics[:2])
+    lines = [f"| init | {names} | pretraining | s per epoch | epochs | peak RSS |", "|" + "---|" * (5 + 3 * len(metrics[:2]))]
+    for row in rows:
+        cells = [row["init"]]
+        for key, _ in metrics[:2]:
+            cells += [f"{row['most'][key][0]:.3f}", f"{row['fewest'][key][0]:.3f}", f"{row[key]:+.3f}"]
+        cost = row["cost"]
+        if cost is None:
+            cells += ["none" if row["init"].endswith("scratch") else "not in this directory", "", "", ""]
+        else:
+            memory = f"{cost['peak_rss_gib']:.2f} GiB" if cost["peak_rss_gib"] is not None else "not recorded"
+            cells += [f"{cost['method']} ({cost['pretraining']})", f"{cost['seconds_per_epoch']:.1f}", cost["epochs"], memory]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _html_table(markdown: str) -> str:
     """A Markdown table (header, rule, rows) as an HTML table."""
     lines = markdown.splitlines()
@@ -285,11 +333,17 @@ def write_report(run_dir: str | Path) -> Path:
     costs = pretraining_costs(run_dir)
     cost_section = (f"\n## Pretraining cost\n\nFrom each pretraining's metrics.jsonl (peak memory of the process "
                     f"as its epochs recorded it).\n\n{costs_table(costs)}\n" if costs else "")
+    efficiency = label_efficiency(summary, costs, metrics)
+    efficiency_section = (f"\n## From the most labels to the fewest\n\nWhat each initialisation loses (means over "
+                          f"seeds; positive: worse with fewer labels), beside the cost of its pretraining.\n\n"
+                          f"{efficiency_table(efficiency, metrics)}\n" if efficiency else "")
     (run_dir / "report.md").write_text(
         f"# Label-efficiency benchmark\n\n{notes}\n\n{table}\n\n![metric vs fraction]({figure.name})\n"
-        f"{paired_section}{cost_section}")
+        f"{paired_section}{efficiency_section}{cost_section}")
     image = base64.b64encode(figure.read_bytes()).decode()
     cost_html = f"<h2>Pretraining cost</h2>{_html_table(costs_table(costs))}" if costs else ""
+    efficiency_html = (f"<h2>From the most labels to the fewest</h2>{_html_table(efficiency_table(efficiency, metrics))}"
+                       if efficiency else "")
     paired_html = (f"<h2>Against {BASELINE}, seed by seed</h2>{_html_table(paired_table(paired, metrics))}"
                    if paired else "")
     (run_dir / "report.html").write_text(
@@ -297,7 +351,7 @@ def write_report(run_dir: str | Path) -> Path:
         "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body>"
         f"<h1>Label-efficiency benchmark</h1><p>{html.escape(notes)}</p>{_html_table(table)}"
-        f"<p><img alt='metric vs fraction' src='data:image/png;base64,{image}'></p>{paired_html}{cost_html}"
+        f"<p><img alt='metric vs fraction' src='data:image/png;base64,{image}'></p>{paired_html}{efficiency_html}{cost_html}"
         "</body></html>"
     )
     return run_dir / "report.md"

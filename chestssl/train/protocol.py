@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,13 +165,26 @@ def _finished(results_path: Path, by_count: bool) -> set[tuple[str, float, int]]
         return {(row["init"], float(row[column]), int(row["seed"])) for row in csv.DictReader(stream)}
 
 
+def pretraining_folder(name: str) -> str:
+    """The folder in a benchmark's run_dir of the pretraining behind encoder placeholder ``name``:
+    "pretrained" -> "pretrain", "pretrained_lung" -> "pretrain_lung", "pretrained:spark" -> "pretrain_spark"."""
+    return "pretrain" + name.removeprefix("pretrained").replace(":", "_")
+
+
+def init_pretraining(init: str) -> str | None:
+    """The pretraining folder whose encoder initialisation ``init`` starts from; None for one from scratch."""
+    found = re.search(r"pretrained=\{([^}?]+)\}", " ".join(INITS.get(init, ())))
+    return pretraining_folder(found.group(1)) if found else None
+
+
 def _encoders(config: BenchmarkConfig) -> tuple[dict[str, str], list[tuple[str, PretrainConfig]]]:
     """The encoder files the grid uses, and the pretrainings still to run for them (paths known beforehand)."""
     run_dir = Path(config.run_dir)
     encoders, pretrainings = {}, []
-    for name, given, folder, lung_weight in (("pretrained", config.pretrained, "pretrain", config.pretrain.mae.lung_weight),
-                                             ("pretrained_lung", config.pretrained_lung, "pretrain_lung", config.lung_weight)):
+    for name, given, lung_weight in (("pretrained", config.pretrained, config.pretrain.mae.lung_weight),
+                                     ("pretrained_lung", config.pretrained_lung, config.lung_weight)):
         needed = any("{" + name + "}" in " ".join(INITS[i]) for i in config.inits)
+        folder = pretraining_folder(name)
         if given is not None:
             encoders[name] = given
         elif needed:
@@ -184,12 +198,12 @@ def _encoders(config: BenchmarkConfig) -> tuple[dict[str, str], list[tuple[str, 
         if method in config.method_pretrained:
             encoders[name] = config.method_pretrained[method]
         elif any("{" + name + "}" in " ".join(INITS[i]) for i in config.inits):
-            base = to_dict(dataclasses.replace(config.pretrain, run_dir=str(run_dir / f"pretrain_{method}"),
+            base = to_dict(dataclasses.replace(config.pretrain, run_dir=str(run_dir / pretraining_folder(name)),
                                                data_dir=config.data_dir or config.pretrain.data_dir))
             kind = "resnet" if method in RESNET_METHODS else "vit"
             overrides = [f"method={method}", f"encoder={kind}", *config.method_overrides.get(method, ())]
             pretrain_config = from_dict(PretrainConfig, apply_overrides(base, overrides), where=f"pretraining {method}")
-            encoders[name] = str(run_dir / f"pretrain_{method}" / ENCODER_NAME)
+            encoders[name] = str(run_dir / pretraining_folder(name) / ENCODER_NAME)
             pretrainings.append((name, pretrain_config))
     return encoders, pretrainings
 
