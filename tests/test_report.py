@@ -63,3 +63,23 @@ def test_label_efficiency_counts_a_rise_in_hd95_as_lost():
     (row,) = label_efficiency([entry(5, 0.80, 9.0), entry(0, 0.95, 3.0)], [], metrics)  # 0: all images
     assert row["test_dice"] == pytest.approx(0.15) and row["test_hd95"] == pytest.approx(6.0)
     assert row["cost"] is None
+
+
+def test_a_pretrained_vit_is_also_paired_with_the_vit_from_scratch(tmp_path):
+    rows = [_row("resnet18-scratch", 0.1, 0, 0.90, 0.80), _row("vit-scratch", 0.1, 0, 0.85, 0.75),
+            _row("vit-mae", 0.1, 0, 0.88, 0.74)]
+    for row in rows:
+        append_result(tmp_path / "results.csv", row)
+    report = write_report(tmp_path).read_text()
+    against_vit = report.split("## Against vit-scratch, seed by seed")[1]
+    assert "| 10% | vit-mae | 1 | +0.030 | 1 of 1 | -0.010 | 0 of 1 |" in against_vit
+    assert "| 10% | vit-mae | 1 | -0.020 | 0 of 1 | -0.060 | 0 of 1 |" in report.split("## Against vit-scratch")[0]
+    assert "vit-scratch, seed by seed" not in write_report(_only_resnets(tmp_path)).read_text()
+
+
+def _only_resnets(tmp_path):
+    folder = tmp_path / "resnets"
+    folder.mkdir()
+    for row in [_row("resnet18-scratch", 0.1, 0, 0.90, 0.80), _row("resnet18-spark", 0.1, 0, 0.91, 0.80)]:
+        append_result(folder / "results.csv", row)
+    return folder
