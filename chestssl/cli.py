@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     lidc.add_argument("--patches-per-volume", type=int, default=32, help="lung crops per full CT")
     report = commands.add_parser("report", help="rebuild the report of a benchmark run directory")
     report.add_argument("run_dir")
+    report.add_argument("--against", nargs="+", default=(), metavar="INIT",
+                        help="also pair every initialisation seed by seed with these (beside resnet18-scratch and "
+                             "vit-scratch), e.g. resnet18-mocov2")
     predict = commands.add_parser("predict", help="apply a fine-tuned model to new X-rays or CTs, with heat maps")
     predict.add_argument("-m", "--model", required=True, help="a fine-tuning run directory or its model.safetensors")
     predict.add_argument("-i", "--input", nargs="+", required=True, metavar="PATH",
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "report":
             from chestssl.report.tables import write_report
 
-            print(f"report: {write_report(args.run_dir)}")
+            print(f"report: {write_report(args.run_dir, tuple(args.against))}")
     except ChestSSLError as error:
         logging.getLogger("chestssl").error("%s", error)
         return 2

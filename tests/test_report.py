@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from chestssl.errors import DataError
 from chestssl.report.tables import append_result, paired_differences, read_results, summarise, write_report
 
 
@@ -83,3 +84,15 @@ def _only_resnets(tmp_path):
     for row in [_row("resnet18-scratch", 0.1, 0, 0.90, 0.80), _row("resnet18-spark", 0.1, 0, 0.91, 0.80)]:
         append_result(folder / "results.csv", row)
     return folder
+
+
+def test_the_report_pairs_with_any_init_the_user_names_and_refuses_one_it_lacks(tmp_path):
+    rows = [_row("resnet18-scratch", 0.01, 0, 0.80, 0.70), _row("resnet18-spark", 0.01, 0, 0.92, 0.85),
+            _row("resnet18-mocov2", 0.01, 0, 0.86, 0.80)]
+    for row in rows:
+        append_result(tmp_path / "results.csv", row)
+    against_moco = write_report(tmp_path, ("resnet18-mocov2",)).read_text().split("## Against resnet18-mocov2")[1]
+    assert "| 1% | resnet18-spark | 1 | +0.060 | 1 of 1 | +0.050 | 1 of 1 |" in against_moco
+    assert "| 1% | resnet18-scratch | 1 | -0.060 | 0 of 1 | -0.100 | 0 of 1 |" in against_moco
+    with pytest.raises(DataError, match="resnet18-byol: not in"):
+        write_report(tmp_path, ("resnet18-byol",))

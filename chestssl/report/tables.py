@@ -308,8 +308,10 @@ def _html_table(markdown: str) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write ``report.md``, ``report.html`` and ``metric_vs_fraction.png`` for a benchmark directory."""
+def write_report(run_dir: str | Path, against: tuple[str, ...] = ()) -> Path:
+    """Write ``report.md``, ``report.html`` and ``metric_vs_fraction.png`` for a benchmark directory. Every
+    initialisation is paired seed by seed with each of ``BASELINES`` the grid has, then with each of ``against``
+    (say ``resnet18-mocov2`` to set SparK against MoCo v2 directly)."""
     run_dir = Path(run_dir)
     if not (run_dir / "results.csv").is_file():
         raise DataError(f"{run_dir} has no results.csv: it is not a benchmark run directory (or no run finished yet)")
@@ -327,7 +329,11 @@ def write_report(run_dir: str | Path) -> Path:
         measured = "ACC at threshold 0.5 as the MedMNIST evaluator computes it."
     notes = (f"{len(rows)} runs. Test metrics on the test split; mean ± sample std over seeds, and a Student-t "
              f"95% confidence interval for the mean {metrics[0][1]}. {measured} Model selection: {'; '.join(selections)}.")
-    paired = {baseline: paired_differences(rows, summary, baseline) for baseline in BASELINES}
+    unknown = sorted(set(against) - {row["init"] for row in rows})
+    if unknown:
+        raise DataError(f"--against {', '.join(unknown)}: not in {run_dir / 'results.csv'} "
+                        f"(it has {', '.join(sorted({row['init'] for row in rows}))})")
+    paired = {baseline: paired_differences(rows, summary, baseline) for baseline in dict.fromkeys((*BASELINES, *against))}
     paired = {baseline: items for baseline, items in paired.items() if items}
     paired_section = "".join(
         f"\n## Against {baseline}, seed by seed\n\nThe same seed draws the same labelled images for every "
