@@ -329,10 +329,10 @@ def write_report(run_dir: str | Path, against: tuple[str, ...] = ()) -> Path:
         measured = "ACC at threshold 0.5 as the MedMNIST evaluator computes it."
     notes = (f"{len(rows)} runs. Test metrics on the test split; mean ± sample std over seeds, and a Student-t "
              f"95% confidence interval for the mean {metrics[0][1]}. {measured} Model selection: {'; '.join(selections)}.")
-    unknown = sorted(set(against) - {row["init"] for row in rows})
+    inits = sorted({row["init"] for row in rows})
+    unknown = sorted(set(against) - set(inits))
     if unknown:
-        raise DataError(f"--against {', '.join(unknown)}: not in {run_dir / 'results.csv'} "
-                        f"(it has {', '.join(sorted({row['init'] for row in rows}))})")
+        raise DataError(f"--against {', '.join(unknown)}: not in {run_dir / 'results.csv'} (it has {', '.join(inits)})")
     paired = {baseline: paired_differences(rows, summary, baseline) for baseline in dict.fromkeys((*BASELINES, *against))}
     paired = {baseline: items for baseline, items in paired.items() if items}
     paired_section = "".join(
