@@ -316,6 +316,10 @@ def write_report(run_dir: str | Path, against: tuple[str, ...] = ()) -> Path:
     if not (run_dir / "results.csv").is_file():
         raise DataError(f"{run_dir} has no results.csv: it is not a benchmark run directory (or no run finished yet)")
     rows = read_results(run_dir / "results.csv")
+    inits = sorted({row["init"] for row in rows})
+    unknown = sorted(set(against) - set(inits))
+    if unknown:
+        raise DataError(f"--against {', '.join(unknown)}: not in {run_dir / 'results.csv'} (it has {', '.join(inits)})")
     summary = summarise(rows)
     metrics = metrics_of(rows)
     figure = plot(summary, run_dir / "metric_vs_fraction.png", metrics)
@@ -329,10 +333,6 @@ def write_report(run_dir: str | Path, against: tuple[str, ...] = ()) -> Path:
         measured = "ACC at threshold 0.5 as the MedMNIST evaluator computes it."
     notes = (f"{len(rows)} runs. Test metrics on the test split; mean ± sample std over seeds, and a Student-t "
              f"95% confidence interval for the mean {metrics[0][1]}. {measured} Model selection: {'; '.join(selections)}.")
-    inits = sorted({row["init"] for row in rows})
-    unknown = sorted(set(against) - set(inits))
-    if unknown:
-        raise DataError(f"--against {', '.join(unknown)}: not in {run_dir / 'results.csv'} (it has {', '.join(inits)})")
     paired = {baseline: paired_differences(rows, summary, baseline) for baseline in dict.fromkeys((*BASELINES, *against))}
     paired = {baseline: items for baseline, items in paired.items() if items}
     paired_section = "".join(
