@@ -114,14 +114,18 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 BASELINE = "resnet18-scratch"  # what each initialisation is paired with, seed by seed
 BASELINES = (BASELINE, "vit-scratch")  # each, where the grid has it (the ViT's own scratch twin for the pretrained ViTs)
-LOWER_IS_BETTER = {"test_hd95"}
+LOWER_IS_BETTER = frozenset({"test_hd95"})
 
 
-def paired_differences(rows: list[dict], summary: list[dict], baseline: str = BASELINE) -> list[dict]:
+def paired_differences(rows: list[dict], summary: list[dict], baseline: str = BASELINE,
+                       metrics: list[tuple[str, str]] | None = None,
+                       lower_is_better: frozenset[str] | set[str] = LOWER_IS_BETTER) -> list[dict]:
     """Each initialisation minus ``baseline``, seed by seed at the same budget (a seed draws the same labelled
     subset for every initialisation, so the pair differs in the initialisation alone): per metric of the first
-    two, the mean and sample std of the differences and in how many seeds the initialisation did better.
-    ``summary`` is ``summarise(rows)``: its entries give the budgets and how they are counted."""
+    two (of ``metrics``, by default the rows' own), the mean and sample std of the differences and in how many
+    seeds the initialisation did better. ``summary`` is ``summarise(rows)``, or any entries with ``init``,
+    ``label_fraction`` and ``by_count``: they give the budgets and how they are counted."""
+    metrics = metrics_of(rows) if metrics is None else metrics
     by_count = bool(summary) and summary[0]["by_count"]
     seeds: dict[tuple[str, float], dict[int, dict]] = defaultdict(dict)
     for row in rows:
@@ -134,9 +138,9 @@ def paired_differences(rows: list[dict], summary: list[dict], baseline: str = BA
         if init == baseline or not common:
             continue
         item = {"init": init, "label_fraction": budget, "by_count": by_count, "seeds": len(common)}
-        for key, _ in metrics_of(rows)[:2]:
+        for key, _ in metrics[:2]:
             differences = np.array([_number(ours[s][key]) - _number(theirs[s][key]) for s in common])
-            better = differences < 0 if key in LOWER_IS_BETTER else differences > 0
+            better = differences < 0 if key in lower_is_better else differences > 0
             item[key] = (float(differences.mean()), float(differences.std(ddof=1)) if len(common) > 1 else float("nan"))
             item[key + "_better"] = int(better.sum())
         paired.append(item)

@@ -31,6 +31,7 @@ from chestssl.data.splits import load_splits
 from chestssl.data.xray.io import resize_image
 from chestssl.data.xray.sources import NIH_FINDINGS
 from chestssl.errors import DataError
+from chestssl.report.tables import BASELINES, paired_differences, paired_table
 from chestssl.train.evaluate import classification_metrics
 from chestssl.train.tasks import load_model
 
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 PNEUMONIA_FINDINGS = ("Pneumonia", "Consolidation", "Infiltration")
 LOW_RESOLUTION = 64  # the NIH sample's side
 SETS = ("in-distribution", "resolution", "external")
+PAIRED_METRICS = [("auc_external", "AUC external"), ("auc_lost", "AUC lost")]  # seed by seed against scratch
 
 
 def nih_pneumonia(data_dir: str | Path | None, image_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +111,7 @@ def drift_table(benchmark_dir: str | Path, data_dir: str | Path | None = None) -
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    return _write_markdown(benchmark_dir / "drift.md", rows)
+    return write_drift_markdown(benchmark_dir / "drift.md", rows)
 
 
 def _sets_for(run_dir: Path, data_dir: str | Path | None, cache: dict[int, dict]) -> dict:
@@ -120,21 +122,42 @@ def _sets_for(run_dir: Path, data_dir: str | Path | None, cache: dict[int, dict]
     return cache[size]
 
 
-def _write_markdown(path: Path, rows: list[dict]) -> Path:
-    groups: dict[tuple[str, float], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+def write_drift_markdown(path: Path, rows: list[dict]) -> Path:
+    """Per init and fraction, AUC and balanced accuracy on each set (mean ± std over seeds) and the AUC lost to the
+    external set; then that loss paired seed by seed with each scratch baseline the grid has (a seed draws the same
+    labelled images for every init, so a pair differs in the initialisation alone). ``rows``: one per run and set."""
+    runs: dict[tuple[str, float, int], dict[str, dict]] = defaultdict(dict)  # (init, fraction, seed) -> set -> row
     for row in rows:
-        groups[(row["init"], float(row["label_fraction"]))][row["set"]].append(float(row["test_auc"]))
+        runs[(row["init"], float(row["label_fraction"]), int(row["seed"]))][row["set"]] = row
+    per_run = [{"init": init, "label_fraction": fraction, "seed": seed,
+                **{f"{metric}_{name}": float(sets[name][f"test_{metric}"])
+                   for name in SETS for metric in ("auc", "balanced_accuracy")},
+                "auc_lost": float(sets["in-distribution"]["test_auc"]) - float(sets["external"]["test_auc"])}
+               for (init, fraction, seed), sets in sorted(runs.items())]
+    groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    for run in per_run:
+        groups[(run["init"], run["label_fraction"])].append(run)
 
-    def cell(values: list[float]) -> str:
+    def cell(members: list[dict], key: str) -> str:
+        values = [run[key] for run in members]
         return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else f"{np.mean(values):.3f}"
 
-    lines = ["| labels | init | seeds | AUC in-distribution | AUC resolution only | AUC external (NIH) | AUC lost (external) |",
-             "|---|---|---|---|---|---|---|"]
-    for (init, fraction), by_set in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0])):
-        lost = [a - b for a, b in zip(by_set["in-distribution"], by_set["external"])]
-        lines.append(f"| {fraction:.0%} | {init} | {len(by_set['in-distribution'])} | {cell(by_set['in-distribution'])} | "
-                     f"{cell(by_set['resolution'])} | {cell(by_set['external'])} | {cell(lost)} |")
+    columns = [f"auc_{name}" for name in SETS] + ["auc_lost"] + [f"balanced_accuracy_{name}" for name in SETS]
+    lines = ["| labels | init | seeds | AUC in-distribution | AUC resolution only | AUC external (NIH) | AUC lost (external) "
+             "| Bal. acc in-distribution | Bal. acc resolution only | Bal. acc external |", "|---" * 10 + "|"]
+    order = sorted(groups, key=lambda key: (key[1], key[0]))
+    for init, fraction in order:
+        members = groups[(init, fraction)]
+        cells = [f"{fraction:.0%}", init, str(len(members))] + [cell(members, key) for key in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    budgets = [{"init": init, "label_fraction": fraction, "by_count": False} for init, fraction in order]
+    paired = [(baseline, paired_differences(per_run, budgets, baseline, PAIRED_METRICS, {"auc_lost"}))
+              for baseline in BASELINES]
+    paired_sections = "".join(f"\n## Against {baseline}, seed by seed\n\nNegative AUC lost: the init loses less AUC "
+                              f"to the external set than {baseline} with the same labelled images.\n\n"
+                              f"{paired_table(items, PAIRED_METRICS, baseline)}\n" for baseline, items in paired if items)
     path.write_text("# Robustness under drift\n\nKermany-trained models, unchanged. Resolution only: the Kermany test "
                     f"images through {LOW_RESOLUTION} px. External: NIH ChestX-ray14 sample, No Finding vs "
-                    f"{' / '.join(PNEUMONIA_FINDINGS)}.\n\n" + "\n".join(lines) + "\n")
+                    f"{' / '.join(PNEUMONIA_FINDINGS)}. AUC lost: in-distribution minus external, per run.\n\n"
+                    + "\n".join(lines) + "\n" + paired_sections)
     return path

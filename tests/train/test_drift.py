@@ -9,7 +9,7 @@ import yaml
 from chestssl.data.datasets import load_dataset
 from chestssl.errors import DataError
 from chestssl.models.resnet import ResNetConfig
-from chestssl.train.drift import drift_table, evaluate_on, nih_pneumonia, through_low_resolution
+from chestssl.train.drift import drift_table, evaluate_on, nih_pneumonia, through_low_resolution, write_drift_markdown
 from chestssl.train.finetune import FinetuneConfig, finetune
 
 
@@ -48,3 +48,18 @@ def test_drift_table_scores_every_run_on_every_set_and_refuses_nih_in_pretrainin
     (bench / "config.yaml").write_text(yaml.safe_dump({"pretrain": {"sources": ["pneumoniamnist", "nih-cxr14"]}}))
     with pytest.raises(DataError, match="external test set"):
         drift_table(bench, shared_data)
+
+
+def test_drift_markdown_pairs_the_auc_lost_with_the_scratch_twin_seed_by_seed(tmp_path):
+    # seed s: the pretrained ViT loses 0.10 + s/100 AUC to the external set, its scratch twin 0.20 (pairs -0.10, -0.09)
+    rows = []
+    for seed in (0, 1):
+        for init, inside, outside in (("vit-scratch", 0.90, 0.70), ("vit-mae", 0.92, 0.82 - seed / 100)):
+            for name, auc in (("in-distribution", inside), ("resolution", inside - 0.01), ("external", outside)):
+                rows.append({"init": init, "label_fraction": "0.1", "seed": str(seed), "set": name,
+                             "test_auc": auc, "test_balanced_accuracy": auc - 0.1})
+    text = write_drift_markdown(tmp_path / "drift.md", rows).read_text()
+    assert "| 10% | vit-mae | 2 | 0.920 ± 0.000 | 0.910 ± 0.000 | 0.815 ± 0.007 | 0.105 ± 0.007 |" in text
+    assert "## Against vit-scratch, seed by seed" in text and "resnet18-scratch" not in text
+    # external AUC +0.115 ± 0.007 better in both seeds; AUC lost -0.095 ± 0.007, lower in both (lower is better)
+    assert "| 10% | vit-mae | 2 | +0.115 ± 0.007 | 2 of 2 | -0.095 ± 0.007 | 2 of 2 |" in text
