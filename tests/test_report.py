@@ -31,7 +31,9 @@ def test_paired_differences_pair_the_same_seed_and_count_wins(tmp_path):
                {"epoch": 1, "step": 48, "epoch_seconds": 140.0, "peak_rss_mib": 3072.0}]
     (tmp_path / "pretrain_spark" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     report = write_report(tmp_path).read_text()
-    assert "| 1% | resnet18-spark | 2 | +0.015 ± 0.049 | 1 of 2 | +0.050 ± 0.071 | 1 of 2 |" in report
+    # AUC, ACC and balanced accuracy (equal to ACC in these rows), each paired
+    assert "| 1% | resnet18-spark | 2 | +0.015 ± 0.049 | 1 of 2 | +0.050 ± 0.071 | 1 of 2 | +0.050 ± 0.071 | 1 of 2 |\n" in report
+    assert "| Bal. acc minus resnet18-scratch | better in |" in report
     assert "| pretrain_spark | spark | resnet | 2 of 20 | 24 | 145.0 | 3.00 GiB | not recorded |" in report
 
 

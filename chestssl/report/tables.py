@@ -76,6 +76,12 @@ def metrics_of(rows: list[dict]) -> list[tuple[str, str]]:
     return [("test_dice", "Dice"), ("test_hd95", "HD95 (px)")] + (named if len(regions) > 1 else [])
 
 
+def paired_metrics(rows: list[dict]) -> list[tuple[str, str]]:
+    """The metrics a seed-by-seed comparison reports: AUC, ACC and balanced accuracy (the last is what a class-
+    imbalanced test set needs); Dice and HD95 for segmentation."""
+    return metrics_of(rows)[:2] if is_segmentation(rows) else metrics_of(rows)[:3]
+
+
 def _number(value: str) -> float:
     return float(value) if value not in ("", None) else float("nan")
 
@@ -121,11 +127,11 @@ def paired_differences(rows: list[dict], summary: list[dict], baseline: str = BA
                        metrics: list[tuple[str, str]] | None = None,
                        lower_is_better: frozenset[str] | set[str] = LOWER_IS_BETTER) -> list[dict]:
     """Each initialisation minus ``baseline``, seed by seed at the same budget (a seed draws the same labelled
-    subset for every initialisation, so the pair differs in the initialisation alone): per metric of the first
-    two (of ``metrics``, by default the rows' own), the mean and sample std of the differences and in how many
-    seeds the initialisation did better. ``summary`` is ``summarise(rows)``, or any entries with ``init``,
+    subset for every initialisation, so the pair differs in the initialisation alone): per metric of ``metrics``
+    (by default :func:`paired_metrics`), the mean and sample std of the differences and in how many seeds the
+    initialisation did better. ``summary`` is ``summarise(rows)``, or any entries with ``init``,
     ``label_fraction`` and ``by_count``: they give the budgets and how they are counted."""
-    metrics = metrics_of(rows) if metrics is None else metrics
+    metrics = paired_metrics(rows) if metrics is None else metrics
     by_count = bool(summary) and summary[0]["by_count"]
     seeds: dict[tuple[str, float], dict[int, dict]] = defaultdict(dict)
     for row in rows:
@@ -138,7 +144,7 @@ def paired_differences(rows: list[dict], summary: list[dict], baseline: str = BA
         if init == baseline or not common:
             continue
         item = {"init": init, "label_fraction": budget, "by_count": by_count, "seeds": len(common)}
-        for key, _ in metrics[:2]:
+        for key, _ in metrics:
             differences = np.array([_number(ours[s][key]) - _number(theirs[s][key]) for s in common])
             better = differences < 0 if key in lower_is_better else differences > 0
             item[key] = (float(differences.mean()), float(differences.std(ddof=1)) if len(common) > 1 else float("nan"))
@@ -148,12 +154,12 @@ def paired_differences(rows: list[dict], summary: list[dict], baseline: str = BA
 
 
 def paired_table(paired: list[dict], metrics: list[tuple[str, str]], baseline: str = BASELINE) -> str:
-    """Markdown table of ``paired_differences``."""
-    names = " | ".join(f"{name} minus {baseline} | better in" for _, name in metrics[:2])
-    lines = [f"| labels | init | paired seeds | {names} |", "|" + "---|" * (3 + 2 * len(metrics[:2]))]
+    """Markdown table of ``paired_differences`` made with the same ``metrics``."""
+    names = " | ".join(f"{name} minus {baseline} | better in" for _, name in metrics)
+    lines = [f"| labels | init | paired seeds | {names} |", "|" + "---|" * (3 + 2 * len(metrics))]
     for item in paired:
         cells = [_budget(item), item["init"], str(item["seeds"])]
-        for key, _ in metrics[:2]:
+        for key, _ in metrics:
             mean, std = item[key]
             difference = f"{mean:+.3f}" if math.isnan(std) else f"{mean:+.3f} ± {std:.3f}"
             cells += [difference, f"{item[key + '_better']} of {item['seeds']}"]
@@ -337,11 +343,12 @@ def write_report(run_dir: str | Path, against: tuple[str, ...] = ()) -> Path:
         measured = "ACC at threshold 0.5 as the MedMNIST evaluator computes it."
     notes = (f"{len(rows)} runs. Test metrics on the test split; mean ± sample std over seeds, and a Student-t "
              f"95% confidence interval for the mean {metrics[0][1]}. {measured} Model selection: {'; '.join(selections)}.")
-    paired = {baseline: paired_differences(rows, summary, baseline) for baseline in dict.fromkeys((*BASELINES, *against))}
+    compared = paired_metrics(rows)
+    paired = {baseline: paired_differences(rows, summary, baseline, compared) for baseline in dict.fromkeys((*BASELINES, *against))}
     paired = {baseline: items for baseline, items in paired.items() if items}
     paired_section = "".join(
         f"\n## Against {baseline}, seed by seed\n\nThe same seed draws the same labelled images for every "
-        f"initialisation, so each pair differs in the initialisation alone.\n\n{paired_table(items, metrics, baseline)}\n"
+        f"initialisation, so each pair differs in the initialisation alone.\n\n{paired_table(items, compared, baseline)}\n"
         for baseline, items in paired.items())
     costs = pretraining_costs(run_dir)
     cost_section = (f"\n## Pretraining cost\n\nFrom each pretraining's metrics.jsonl (peak memory of the process "
@@ -357,7 +364,7 @@ def write_report(run_dir: str | Path, against: tuple[str, ...] = ()) -> Path:
     cost_html = f"<h2>Pretraining cost</h2>{_html_table(costs_table(costs))}" if costs else ""
     efficiency_html = (f"<h2>From the most labels to the fewest</h2>{_html_table(efficiency_table(efficiency, metrics))}"
                        if efficiency else "")
-    paired_html = "".join(f"<h2>Against {baseline}, seed by seed</h2>{_html_table(paired_table(items, metrics, baseline))}"
+    paired_html = "".join(f"<h2>Against {baseline}, seed by seed</h2>{_html_table(paired_table(items, compared, baseline))}"
                           for baseline, items in paired.items())
     (run_dir / "report.html").write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>chestssl benchmark</title>"
