@@ -5,7 +5,8 @@ import json
 import pytest
 
 from chestssl.errors import DataError
-from chestssl.report.tables import append_result, paired_differences, read_results, summarise, write_report
+from chestssl.report.tables import (append_result, confidence_interval, paired_differences, read_results, summarise,
+                                    write_report)
 
 
 def _row(init, fraction, seed, auc, acc):
@@ -98,3 +99,11 @@ def test_the_report_pairs_with_any_init_the_user_names_and_refuses_one_it_lacks(
     assert "| 1% | resnet18-scratch | 1 | -0.060 | 0 of 1 | -0.100 | 0 of 1 |" in against_moco
     with pytest.raises(DataError, match="resnet18-byol: not in"):
         write_report(tmp_path, ("resnet18-byol",))
+
+
+def test_the_auc_interval_stays_inside_zero_and_one():
+    low, high = confidence_interval([0.848, 0.561, 0.664])  # t(2) = 4.30: the raw interval is [0.330, 1.052]
+    assert low == pytest.approx(0.330, abs=1e-3) and high == 1.0
+    low, high = confidence_interval([0.80, 0.82])
+    assert low == pytest.approx(0.81 - 12.706 * 0.01, abs=1e-3) and high == pytest.approx(0.81 + 12.706 * 0.01, abs=1e-3)
+    assert all(v != v for v in confidence_interval([0.9]))  # one seed: no interval

@@ -167,15 +167,18 @@ def paired_table(paired: list[dict], metrics: list[tuple[str, str]], baseline: s
     return "\n".join(lines)
 
 
-def confidence_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Student-t interval for the mean over seeds; (nan, nan) for a single seed."""
+def confidence_interval(values: np.ndarray, level: float = 0.95, bounds: tuple[float, float] = (0.0, 1.0),
+                        ) -> tuple[float, float]:
+    """Student-t interval for the mean over seeds, cut to the metric's ``bounds`` (AUC and Dice lie in [0, 1]; with
+    3 seeds and a wide spread the raw interval passes 1); (nan, nan) for a single seed."""
     from scipy import stats
 
     values = np.asarray(values, dtype=np.float64)
     if len(values) < 2:
         return float("nan"), float("nan")
     half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-    return float(values.mean() - half), float(values.mean() + half)
+    low, high = bounds
+    return float(max(values.mean() - half, low)), float(min(values.mean() + half, high))
 
 
 def _cell(mean_std: tuple[float, float]) -> str:

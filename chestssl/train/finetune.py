@@ -215,6 +215,23 @@ def _choose(config: FinetuneConfig, data: Labelled) -> tuple[Split, Split | None
     return chosen, val.subset(indices), f"validation subset of the same {kind} ({len(indices)} of {len(val)})"
 
 
+def check_label_subsets(configs: list[FinetuneConfig]) -> None:
+    """Draw the labelled and validation subsets of every run before any of them trains (the data loaded once per
+    dataset, size and split), so that a label budget the data cannot give (a class left without a patient, a
+    validation subset without a class) stops a benchmark at once, not after hours of pretraining.
+
+    Raises:
+        DataError: the first budget that cannot be drawn, naming it.
+    """
+    loaded: dict[tuple, Labelled] = {}
+    for config in configs:
+        key = (config.dataset, config.data_dir, config.image_size, config.split_seed, config.cache_dir,
+               config.dataset_root, config.labels_csv, config.task, repr(config.normalisation()))
+        if key not in loaded:
+            loaded[key] = load_data(config)
+        _choose(config, loaded[key])
+
+
 def freeze_then_unfreeze(model: torch.nn.Module, optimizer: torch.optim.Optimizer, freeze_epochs: int,
                          unfreeze_lr_scale: float) -> Callable[[int], None] | None:
     """Wolf et al.'s protocol as an epoch-start hook: for the first ``freeze_epochs`` epochs the encoder is in

@@ -20,7 +20,7 @@ from pathlib import Path
 from chestssl.config import apply_overrides, from_dict, save_config, to_dict
 from chestssl.data.xray.unlabelled import LUNGSEG_ALL
 from chestssl.report.tables import append_result, write_report
-from chestssl.train.finetune import FinetuneConfig, finetune
+from chestssl.train.finetune import FinetuneConfig, check_label_subsets, finetune
 from chestssl.train.loop import resume_identity
 from chestssl.train.pretrain import ENCODER_NAME, PretrainConfig, pretrain
 from chestssl.train.reuse import check_reusable
@@ -228,21 +228,33 @@ def grid_cells(config: BenchmarkConfig) -> list[tuple[str, float, int]]:
     return [(i, f, s) for s in seeds for f in budgets(config) if s in seeds_of(config, f) for i in config.inits]
 
 
+def grid_runs(config: BenchmarkConfig) -> list[FinetuneConfig]:
+    """The fine-tuning settings of every cell in run order, with the encoder files where the grid's pretrainings
+    write them (nothing is run)."""
+    encoders, _ = _encoders(config)
+    return [run_config(config, init, budget, seed, encoders) for init, budget, seed in grid_cells(config)]
+
+
 def benchmark(config: BenchmarkConfig) -> Path:
     """Run the whole grid (resuming a partial one) and write ``results.csv`` and the report; returns its path.
 
     A cell already in ``results.csv`` is reused only if its run was made with the settings asked for now; a
-    changed setting stops the benchmark, naming it, before anything is written.
+    changed setting stops the benchmark, naming it, before anything is written. So does a label budget that a
+    pending cell cannot draw from the data (before any pretraining).
     """
     run_dir = Path(config.run_dir)
     results_path = run_dir / "results.csv"
     encoders, pretrainings = _encoders(config)
     cells = grid_cells(config)
     done = _finished(results_path, bool(config.label_counts))
+    pending = []
     for init, fraction, seed in cells:
+        cell = run_config(config, init, fraction, seed, encoders)
         if (init, float(fraction), seed) in done:
-            cell = run_config(config, init, fraction, seed, encoders)
             check_reusable(Path(cell.run_dir), resume_identity(cell), cell.overwrite)
+        else:
+            pending.append(cell)
+    check_label_subsets(pending)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
     for name, pretrain_config in pretrainings:

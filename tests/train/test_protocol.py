@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from chestssl.config import load_config
-from chestssl.errors import ConfigError
+from chestssl.errors import ConfigError, DataError
 from chestssl.train import protocol
 from chestssl.train.protocol import BenchmarkConfig, run_config
 
@@ -48,6 +48,7 @@ def recording_runs(monkeypatch):
 
     monkeypatch.setattr(protocol, "pretrain", fake_pretrain)
     monkeypatch.setattr(protocol, "finetune", fake_finetune)
+    monkeypatch.setattr(protocol, "check_label_subsets", lambda configs: None)  # loads data: tested on its own
     return pretrained, finetuned
 
 
@@ -87,3 +88,20 @@ def test_each_cnn_method_gets_its_own_pretraining_and_the_scratch_resnet_is_its_
     assert runs["resnet18-simclr-ft"].freeze_epochs > 0 and runs["resnet18-byol-linear"].mode == "linear"
     with pytest.raises(ConfigError, match="twins"):
         load_config(BenchmarkConfig, REPO / "configs/pneumoniamnist28_cnn.yaml", ["pretrain.resnet.small_input=false"])
+
+
+def test_a_budget_the_data_cannot_give_stops_the_benchmark_before_pretraining(shared_data, tmp_path, monkeypatch):
+    pretrained, finetuned = [], []  # recorders that must never be reached; the label check is the real one
+    monkeypatch.setattr(protocol, "pretrain", lambda config: pretrained.append(config))
+    monkeypatch.setattr(protocol, "finetune", lambda config: finetuned.append(config))
+    settings = [f"run_dir={tmp_path}", f"data_dir={shared_data}", "seeds=[0]", "inits=[resnet18-scratch,resnet18-spark]"]
+    # sarscov2-ct draws labels by whole runs: 1% of its 29 COVID runs rounds to none
+    config = load_config(BenchmarkConfig, REPO / "configs/sarscov2_cnn.yaml", [*settings, "fractions=[0.01]"])
+    with pytest.raises(DataError, match="class 'covid' of the training split"):
+        protocol.benchmark(config)
+    # 2% draws one run per class, but a validation subset of 2% would hold no non-COVID run
+    config = load_config(BenchmarkConfig, REPO / "configs/sarscov2_cnn.yaml",
+                         [*settings, "fractions=[0.02]", "fraction_overrides={0.02: [selection=fraction]}"])
+    with pytest.raises(DataError, match="validation split"):
+        protocol.benchmark(config)
+    assert pretrained == [] and finetuned == []
