@@ -126,7 +126,8 @@ def spread(values: list[float]) -> tuple[float, float, float]:
 def views_batch(name: str, x: torch.Tensor, settings) -> Batch:
     """``x`` with the augmented views method ``name`` asks for, made once (the batcher's work, not the step's)."""
     generator = torch.Generator().manual_seed(0)
-    views = tuple(random_view(x, view, generator)[0] for view in method_views(method_class(name), settings, ViewConfig()))
+    asked = method_views(method_class(name), settings, ViewConfig(), x.shape[-1])
+    views = tuple(random_view(x, view, generator)[0] for view in asked)
     return Batch(images=views[0], views=views)
 
 

@@ -90,7 +90,7 @@ class BYOL(nn.Module):
     num_views = 2
 
     @classmethod
-    def view_configs(cls, settings: BYOLConfig, base: ViewConfig) -> tuple[ViewConfig, ViewConfig]:
+    def view_configs(cls, settings: BYOLConfig, base: ViewConfig, image_size: int) -> tuple[ViewConfig, ViewConfig]:
         """The two views: ``base`` made contrastive with the paper's asymmetric blur, or ``base`` twice."""
         if settings.view_preset == "base":
             return base, base

@@ -83,7 +83,7 @@ class MoCoV2(nn.Module):
     num_views = 2
 
     @classmethod
-    def view_configs(cls, settings: MoCoV2Config, base: ViewConfig) -> tuple[ViewConfig, ...]:
+    def view_configs(cls, settings: MoCoV2Config, base: ViewConfig, image_size: int) -> tuple[ViewConfig, ...]:
         return contrastive_views(settings.view_preset, base)
 
     def __init__(self, encoder: nn.Module, config: MoCoV2Config | None = None) -> None:

@@ -77,7 +77,7 @@ class SimCLR(nn.Module):
     num_views = 2
 
     @classmethod
-    def view_configs(cls, settings: SimCLRConfig, base: ViewConfig) -> tuple[ViewConfig, ...]:
+    def view_configs(cls, settings: SimCLRConfig, base: ViewConfig, image_size: int) -> tuple[ViewConfig, ...]:
         return contrastive_views(settings.view_preset, base)
 
     def __init__(self, encoder: nn.Module, config: SimCLRConfig | None = None) -> None:

@@ -33,6 +33,9 @@ if TYPE_CHECKING:  # for the annotation only: methods do not depend on the train
 
 
 GLOBAL_CROPS = 2  # the paper's two full-size views, the only ones whose codes are computed
+MIN_LOCAL_SIDE = 16  # the smallest default local crop side (28 px images, 32³ CT cubes: near native resolution)
+
+
 def _sum_across_processes(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` in place over every process of a ``torchrun`` group (nothing to do alone)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -100,12 +103,13 @@ class SwAVConfig:
     ~5k PneumoniaMNIST images. The paper freezes the prototypes for its first epoch (313 steps at batch 4096);
     20 steps are about one epoch of 4.7k images at batch 256. The paper's local crops cover 5-14% of the image,
     up to the lower bound of its global crops (14%), resampled to 96 px; on 28-64 px chest images 5% would be a
-    6-14 px patch, so here 10-30% (up to the contrastive global crops' lower bound, 30%), resampled to 16 px
-    (16³ voxels for cubes): near native resolution for 28 px images and CT cubes of 32, about half for 64 px
-    images, as the paper's. Four local crops cost about as much as the paper's six relative to the global ones
-    (4 x 16² / 28² = 1.3 global crops; the paper's 6 x 96² / 224² = 1.1). ``view_preset`` "medical" makes every
-    crop contrastive (the grayscale stand-ins for the paper's colour distortion and blur, as SimCLR here);
-    "base" takes ``views.*`` as set.
+    6-14 px patch, so here 10-30% (up to the contrastive global crops' lower bound, 30%), resampled by default to
+    the paper's 96/224 of the input side, at least 16 px (16³ voxels for cubes): 16 px at 28 px and for CT cubes
+    of 32 (near native resolution), 27 px at 64 px, 55 px at 128 px (about half, as the paper's). A fixed 16 px
+    would leave an ImageNet-stem ResNet a 1 x 1 map after its third stage at 128 px. Four local crops cost about as
+    much as the paper's six relative to the global ones (4 x 16² / 28² = 1.3 global crops; the paper's
+    6 x 96² / 224² = 1.1). ``view_preset`` "medical" makes every crop contrastive (the grayscale stand-ins for
+    the paper's colour distortion and blur, as SimCLR here); "base" takes ``views.*`` as set.
     """
 
     projection_hidden_size: int = 512  # hidden width of the projection MLP (the paper: 2048, a ResNet-50's features)
@@ -116,15 +120,16 @@ class SwAVConfig:
     sinkhorn_iterations: int = 3  # Sinkhorn-Knopp row/column normalisations per batch
     freeze_prototypes_steps: int = 20  # optimiser steps with frozen prototypes at the start (about one epoch)
     local_crops: int = 4  # small crops besides the two global views (0: two views only)
-    local_crop_size: int = 16  # side of the local crops in pixels (voxels for CT cubes)
+    local_crop_size: int | None = None  # local crop side in pixels or voxels (null: 96/224 of the input, at least 16)
     local_crop_scale: tuple[float, float] = (0.1, 0.3)  # area share of the input that a local crop covers
     view_preset: str = "medical"  # medical: views.* made contrastive for every crop; base: views.* as set
 
     def __post_init__(self) -> None:
-        for name in ("projection_hidden_size", "projection_size", "num_prototypes", "sinkhorn_iterations",
-                     "local_crop_size"):
+        for name in ("projection_hidden_size", "projection_size", "num_prototypes", "sinkhorn_iterations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"swav.{name} must be at least 1, got {getattr(self, name)}")
+        if self.local_crop_size is not None and self.local_crop_size < 1:
+            raise ValueError(f"swav.local_crop_size must be at least 1 or null, got {self.local_crop_size}")
         if self.freeze_prototypes_steps < 0 or self.local_crops < 0:
             raise ValueError(f"swav.freeze_prototypes_steps and swav.local_crops must be >= 0, got "
                              f"{self.freeze_prototypes_steps} and {self.local_crops}")
@@ -136,6 +141,13 @@ class SwAVConfig:
             raise ValueError(f"swav.local_crop_scale must satisfy 0 < low <= high <= 1, got {list(self.local_crop_scale)}")
         if self.view_preset not in VIEW_PRESETS:
             raise ValueError(f"swav.view_preset must be one of {VIEW_PRESETS}, got {self.view_preset!r}")
+
+    def local_side(self, image_size: int) -> int:
+        """The local crops' side for inputs of side ``image_size``: ``local_crop_size``, or when that is null the
+        paper's 96/224 of the input side, at least 16 (and never above the input side)."""
+        if self.local_crop_size is not None:
+            return self.local_crop_size
+        return min(image_size, max(MIN_LOCAL_SIDE, round(image_size * 96 / 224)))
 
 
 class SwAV(nn.Module):
@@ -164,11 +176,11 @@ class SwAV(nn.Module):
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
 
     @classmethod
-    def view_configs(cls, settings: SwAVConfig, base: ViewConfig) -> tuple[ViewConfig, ...]:
-        """Multi-crop: two global views (``base``, made contrastive by the medical preset), then
-        ``settings.local_crops`` small crops of the same kind."""
+    def view_configs(cls, settings: SwAVConfig, base: ViewConfig, image_size: int) -> tuple[ViewConfig, ...]:
+        """Multi-crop for inputs of side ``image_size``: two global views (``base``, made contrastive by the
+        medical preset), then ``settings.local_crops`` small crops of the same kind."""
         view = contrastive_view(base) if settings.view_preset == "medical" else base
-        local = dataclasses.replace(view, crop_scale=settings.local_crop_scale, size=settings.local_crop_size)
+        local = dataclasses.replace(view, crop_scale=settings.local_crop_scale, size=settings.local_side(image_size))
         return (view,) * GLOBAL_CROPS + (local,) * settings.local_crops
 
     @property

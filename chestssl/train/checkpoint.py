@@ -121,8 +121,20 @@ def check_resumable(path: str | Path, identity: dict[str, Any]) -> None:
     if not Path(path).exists():
         return
     _, meta = read(path)
-    if meta.get("format") == FORMAT and meta.get("identity") != identity:
-        _refuse(path, meta["identity"], identity)
+    if meta.get("format") == FORMAT:
+        _check_identity(path, meta["identity"], identity)
+
+
+def _check_identity(path: str | Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Refuse unless ``old`` (a checkpoint's) is ``new``. Settings sections (dicts) that ``new`` leaves out of its
+    config as unused are left out of ``old`` too: checkpoints written before runs left them out hold every method's
+    section, and a section the run does not read cannot make its state another run's."""
+    old_config, new_config = old.get("config"), new.get("config")
+    if isinstance(old_config, dict) and isinstance(new_config, dict):
+        kept = {key: value for key, value in old_config.items() if key in new_config or not isinstance(value, dict)}
+        old = {**old, "config": kept}
+    if old != new:
+        _refuse(path, old, new)
 
 
 def _refuse(path: str | Path, old: dict[str, Any], new: dict[str, Any]) -> None:
@@ -142,8 +154,7 @@ def load_training_state(
     tensors, meta = read(path)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a chestssl training checkpoint (format {meta.get('format')!r})")
-    if meta["identity"] != identity:
-        _refuse(path, meta["identity"], identity)
+    _check_identity(path, meta["identity"], identity)
     model_state = {name[len("model."):]: value for name, value in tensors.items() if name.startswith("model.")}
     load_weights(model, model_state, str(path))
     optimizer_tensors = {name: value for name, value in tensors.items() if name.startswith("optimizer.")}

@@ -72,9 +72,11 @@ class Progress:
 RUN_ONLY_KEYS = ("run_dir", "device", "checkpoint_every", "grid_every", "num_workers", "overwrite", "trace_test")
 
 
-def resume_identity(config: Any, **extra: Any) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: the config without :data:`RUN_ONLY_KEYS`, plus ``extra``."""
-    settings = {key: value for key, value in to_dict(config).items() if key not in RUN_ONLY_KEYS}
+def resume_identity(config: Any, unused: tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the config without :data:`RUN_ONLY_KEYS` and without the
+    sections named in ``unused`` (settings the run never reads, such as other methods'), plus ``extra``."""
+    left_out = set(RUN_ONLY_KEYS) | set(unused)
+    settings = {key: value for key, value in to_dict(config).items() if key not in left_out}
     return {**extra, "config": settings}
 
 

@@ -115,6 +115,11 @@ class PretrainConfig:
     def normalisation(self) -> Normalisation:
         return Normalisation(self.normalisation_mean, self.normalisation_std)
 
+    def unused_sections(self) -> tuple[str, ...]:
+        """The sections this run never reads: the other methods' settings and the other encoder kinds' sizes (left
+        out of the resume identity, so a changed default of another method does not stop a finished run's reuse)."""
+        return tuple(name for name in (*METHODS, *ENCODERS) if name not in (self.method, self.encoder))
+
     def method_settings(self) -> Any:
         """The chosen method's own section."""
         return getattr(self, self.method)
@@ -124,11 +129,11 @@ class PretrainConfig:
         return architecture(self.encoder, getattr(self, self.encoder), self.spatial_dims, image_size)
 
 
-def method_views(cls: type, settings: Any, base: ViewConfig) -> tuple[ViewConfig, ...]:
-    """The augmented views a method asks for: its ``view_configs(settings, base)`` (multi-crop, asymmetric
-    views), else ``num_views`` copies of ``base``."""
+def method_views(cls: type, settings: Any, base: ViewConfig, image_size: int) -> tuple[ViewConfig, ...]:
+    """The augmented views a method asks for, for inputs of side ``image_size``: its ``view_configs(settings,
+    base, image_size)`` (multi-crop, asymmetric views), else ``num_views`` copies of ``base``."""
     if hasattr(cls, "view_configs"):
-        return tuple(cls.view_configs(settings, base))
+        return tuple(cls.view_configs(settings, base, image_size))
     return (base,) * getattr(cls, "num_views", 1)
 
 
@@ -164,7 +169,7 @@ def pretrain(config: PretrainConfig) -> Path:
 
     context = distributed.setup(config.device)
     run_dir = Path(config.run_dir)
-    identity = resume_identity(config)
+    identity = resume_identity(config, config.unused_sections())
     check_resumable(run_dir / CHECKPOINT_NAME, identity)  # before anything is written
     if config.spatial_dims == 2:
         build_pretraining(config, config.image_size)  # sizes checked before any data is loaded
@@ -187,7 +192,9 @@ def pretrain(config: PretrainConfig) -> Path:
         log.info("pretraining %s on %d unlabelled %s (excluding splits %s) in %d process(es)", config.method,
                  len(inputs), "images" if config.spatial_dims == 2 else "volumes", config.exclude_splits,
                  context.world_size)
-    views = method_views(method_class(config.method), config.method_settings(), config.views)
+    views = method_views(method_class(config.method), config.method_settings(), config.views, image_size)
+    if context.is_main and len({view.size for view in views}) > 1:  # multi-crop: say the sizes a null setting chose
+        log.info("views of side %s", [view.size or image_size for view in views])
     batches = Batches(inputs, None, config.batch_size, normalisation, views, True, True, context.rank,
                       context.world_size, context.device, config.num_workers)
     torch.manual_seed(config.seed)

@@ -39,7 +39,7 @@ def main(out_dir: Path) -> None:
     config = MoCoV2Config(projection_hidden_size=32, projection_size=16, queue_size=32)
     model = MoCoV2(ViT(ViTConfig(patch_size=4, hidden_size=32, depth=1, num_heads=2), image_size=16), config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    batches = Batches(images, None, 8, Normalisation(), method_views(MoCoV2, config, ViewConfig()), rank=rank,
+    batches = Batches(images, None, 8, Normalisation(), method_views(MoCoV2, config, ViewConfig(), 16), rank=rank,
                       world_size=context.world_size)
     seen = []
 

@@ -262,24 +262,33 @@ def test_prototypes_are_frozen_for_the_first_steps_then_learn():
 
 def test_byol_views_are_contrastive_with_the_papers_asymmetric_blur():
     base = ViewConfig(rotate_degrees=5.0)
-    first, second = method_views(BYOL, BYOLConfig(), base)
+    first, second = method_views(BYOL, BYOLConfig(), base, 16)
     assert (first.blur_probability, second.blur_probability) == (1.0, 0.1)
     assert first.crop_scale == contrastive_view(base).crop_scale and first.rotate_degrees == 5.0
-    assert method_views(BYOL, BYOLConfig(view_preset="base"), base) == (base, base)
+    assert method_views(BYOL, BYOLConfig(view_preset="base"), base, 16) == (base, base)
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_multi_crop_views_are_two_global_and_small_local_crops(spatial_dims):
     settings = SwAVConfig(local_crops=3, local_crop_size=8, local_crop_scale=(0.05, 0.2), view_preset="base")
     base = ViewConfig(crop_scale=(0.5, 1.0))
-    views = method_views(SwAV, settings, base)
+    views = method_views(SwAV, settings, base, 16)
     assert views[:2] == (base, base) and len(views) == 5
     assert all(v.size == 8 and v.crop_scale == (0.05, 0.2) and v.rotate_degrees == base.rotate_degrees for v in views[2:])
-    medical = method_views(SwAV, SwAVConfig(), base)
+    medical = method_views(SwAV, SwAVConfig(), base, 16)
     assert medical[:2] == (contrastive_view(base),) * 2 and medical[2].blur_probability == medical[0].blur_probability
     images = np.random.default_rng(0).integers(0, 255, size=(4, 1) + (16,) * spatial_dims, dtype=np.uint8)
     batch = next(iter(Batches(images, None, 4, Normalisation(), views, shuffle=False).epoch(0, 0)))
     assert [tuple(v.shape[2:]) for v in batch.views] == [(16,) * spatial_dims] * 2 + [(8,) * spatial_dims] * 3
+
+
+@pytest.mark.parametrize(("image_size", "side"), [(16, 16), (28, 16), (32, 16), (64, 27), (128, 55), (224, 96)])
+def test_default_local_crops_follow_the_papers_96_of_224_with_a_16_px_floor(image_size, side):
+    views = method_views(SwAV, SwAVConfig(), ViewConfig(), image_size)
+    assert [v.size for v in views[2:]] == [side] * 4 and views[0].size is None
+    assert SwAVConfig(local_crop_size=48).local_side(image_size) == 48  # a set side is kept at every input size
+    with pytest.raises(ValueError, match="local_crop_size must be at least 1 or null"):
+        SwAVConfig(local_crop_size=0)
 
 
 @pytest.mark.parametrize("name", ["byol", "swav"])
@@ -337,7 +346,7 @@ def resumable_run(name: str, run_dir: Path, stop_after_epoch: int | None = None)
         method = tiny_byol()
     else:  # the first step after the interruption (step 4) is the first unfrozen one: the step count must come back
         method = tiny_swav(freeze_prototypes_steps=4)
-    views = method_views(type(method), method.config, ViewConfig())
+    views = method_views(type(method), method.config, ViewConfig(), 16)
     optimizer = torch.optim.AdamW(param_groups(method, 0.05), lr=1e-3)
     batches = Batches(images, None, 16, Normalisation(), views, shuffle=True, drop_last=True)
     schedule = Schedule(epochs=4, steps_per_epoch=len(batches), lr=1e-3, warmup_epochs=1)

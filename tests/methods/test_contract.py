@@ -46,7 +46,7 @@ def smooth_images(count, spatial_dims, side=16):
 
 
 def _needs_views(cls, settings):
-    return len(method_views(cls, settings, ViewConfig())) > 1
+    return len(method_views(cls, settings, ViewConfig(), 16)) > 1
 
 
 def test_unknown_method_lists_the_valid_ones():
@@ -65,7 +65,7 @@ def test_method_contract(name, spatial_dims, tmp_path):
     method = build_method(name, encoder, settings)
     images = smooth_images(8, spatial_dims)
     # one fixed batch; a method that needs several views gets them (its own view configs, as in pretraining)
-    views = method_views(cls, settings, ViewConfig()) if _needs_views(cls, settings) else ()
+    views = method_views(cls, settings, ViewConfig(), 16) if _needs_views(cls, settings) else ()
     batches = Batches(images, None, 8, Normalisation(), views, shuffle=False)
     calls = []
     method.after_step = lambda progress, original=getattr(method, "after_step", None): (

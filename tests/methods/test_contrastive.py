@@ -179,9 +179,9 @@ def test_a_queue_larger_than_the_data_is_refused():
 def test_the_two_views_are_the_medical_preset_or_the_base():
     base = ViewConfig(rotate_degrees=3)
     for cls, config in ((SimCLR, SimCLRConfig()), (MoCoV2, MoCoV2Config())):
-        first, second = method_views(cls, config, base)
+        first, second = method_views(cls, config, base, 16)
         assert first == second and first.grayscale and first.rotate_degrees == 3
-        assert method_views(cls, type(config)(view_preset="base"), base) == (base, base)
+        assert method_views(cls, type(config)(view_preset="base"), base, 16) == (base, base)
     with pytest.raises(ValueError, match="view_preset"):
         SimCLRConfig(view_preset="strong")
 
@@ -208,7 +208,7 @@ def run_moco(run_dir, stop_after_epoch=None):
     config = MoCoV2Config(**{**SMALL_MOCO, "queue_size": 28}, bn_splits=2)
     model = MoCoV2(tiny_resnet(), config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    batches = Batches(images, None, 8, Normalisation(), method_views(MoCoV2, config, ViewConfig()), shuffle=True)
+    batches = Batches(images, None, 8, Normalisation(), method_views(MoCoV2, config, ViewConfig(), 16), shuffle=True)
     schedule = Schedule(epochs=3, steps_per_epoch=len(batches), lr=1e-3, warmup_epochs=1)
 
     def on_epoch_end(epoch):

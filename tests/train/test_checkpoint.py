@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -7,8 +8,12 @@ import torch
 
 from chestssl.errors import CheckpointError
 from chestssl.models.vit import ViT, ViTConfig
+from chestssl.methods import METHODS
+from chestssl.methods.spark import SparKConfig
+from chestssl.methods.swav import SwAVConfig
 from chestssl.train.checkpoint import (
     check_preprocessing,
+    check_resumable,
     load_training_state,
     load_weights,
     read_encoder,
@@ -18,6 +23,8 @@ from chestssl.train.checkpoint import (
 from chestssl.data.batch import Normalisation, xray_preprocessing
 from chestssl.data.datasets import Labelled, Split
 from chestssl.train.finetune import FinetuneConfig, build_run_encoder
+from chestssl.train.loop import resume_identity
+from chestssl.train.pretrain import PretrainConfig
 
 SMALL = ViTConfig(patch_size=4, hidden_size=32, depth=1, num_heads=2)
 
@@ -48,6 +55,32 @@ def test_training_state_round_trip(tmp_path):
     assert torch.equal(state["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
     with pytest.raises(CheckpointError, match="other settings.*arch"):
         load_training_state(tmp_path / "c.safetensors", restored, restored_optimizer, {"arch": "b"})
+
+
+def test_a_pretraining_identity_leaves_out_the_sections_it_never_reads():
+    spark = PretrainConfig(method="spark", encoder="resnet", spark=SparKConfig(mask_cell=8))
+    assert set(spark.unused_sections()) == set(METHODS) - {"spark"} | {"vit"}
+    other_swav = dataclasses.replace(spark, swav=SwAVConfig(local_crop_size=16))  # another method's setting
+    assert resume_identity(spark, spark.unused_sections()) == resume_identity(other_swav, other_swav.unused_sections())
+    changed = dataclasses.replace(spark, spark=SparKConfig(mask_cell=4))  # the run's own method's setting
+    assert resume_identity(spark, spark.unused_sections()) != resume_identity(changed, changed.unused_sections())
+
+
+def test_a_checkpoint_that_holds_every_section_resumes_when_the_sections_read_match(tmp_path):
+    """Checkpoints written before unused sections left the identity hold them all: they still resume, while a
+    difference in a section the run reads, or in a plain setting, is refused as before."""
+    model = small()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    path = tmp_path / "c.safetensors"
+    full = {"config": {"method": "spark", "epochs": 2, "spark": {"mask_cell": 8}, "swav": {"local_crop_size": 16}}}
+    save_training_state(path, model, optimizer, {"epoch": 1}, full)
+    narrowed = {"config": {"method": "spark", "epochs": 2, "spark": {"mask_cell": 8}}}
+    check_resumable(path, narrowed)
+    assert load_training_state(path, small(), torch.optim.AdamW(small().parameters()), narrowed) == {"epoch": 1}
+    with pytest.raises(CheckpointError, match="other settings.*mask_cell"):
+        check_resumable(path, {"config": {"method": "spark", "epochs": 2, "spark": {"mask_cell": 4}}})
+    with pytest.raises(CheckpointError, match="other settings.*epochs"):
+        check_resumable(path, {"config": {"method": "spark", "spark": {"mask_cell": 8}}})
 
 
 def test_checkpoint_files_are_safetensors_not_pickle(tmp_path):
