@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from chestssl.errors import CheckpointError
 from chestssl.models.encoders import build_encoder, parse_architecture, record_of
+from chestssl.train.reuse import changed_settings, narrowed_to
 
 FORMAT = "chestssl-checkpoint-1"
 ENCODER_FORMAT = "chestssl-encoder-2"  # version 2: the architecture record of chestssl.models.encoders
@@ -126,20 +127,13 @@ def check_resumable(path: str | Path, identity: dict[str, Any]) -> None:
 
 
 def _check_identity(path: str | Path, old: dict[str, Any], new: dict[str, Any]) -> None:
-    """Refuse unless ``old`` (a checkpoint's) is ``new``. Settings sections (dicts) that ``new`` leaves out of its
-    config as unused are left out of ``old`` too: checkpoints written before runs left them out hold every method's
-    section, and a section the run does not read cannot make its state another run's."""
-    old_config, new_config = old.get("config"), new.get("config")
-    if isinstance(old_config, dict) and isinstance(new_config, dict):
-        kept = {key: value for key, value in old_config.items() if key in new_config or not isinstance(value, dict)}
-        old = {**old, "config": kept}
+    """Refuse unless ``old`` (a checkpoint's), narrowed to the sections ``new`` reads, is ``new``."""
+    old = narrowed_to(old, new)
     if old != new:
         _refuse(path, old, new)
 
 
 def _refuse(path: str | Path, old: dict[str, Any], new: dict[str, Any]) -> None:
-    from chestssl.train.reuse import changed_settings
-
     changes = changed_settings(old, new)
     raise CheckpointError(
         f"{path} was written by a run with other settings ({'; '.join(changes[:8])}{' ...' if len(changes) > 8 else ''}); "

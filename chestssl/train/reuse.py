@@ -43,6 +43,17 @@ def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             for key in sorted(set(before) | set(after)) if before.get(key, "<absent>") != after.get(key, "<absent>")]
 
 
+def narrowed_to(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` (a stored identity) without the settings sections (dicts) that ``new`` leaves out of its config as
+    unused: identities written before runs left them out hold every method's section, and a section the run does
+    not read cannot make a stored state or result another run's. Plain settings are kept, so they still count."""
+    old_config, new_config = old.get("config"), new.get("config")
+    if not (isinstance(old_config, dict) and isinstance(new_config, dict)):
+        return old
+    kept = {key: value for key, value in old_config.items() if key in new_config or not isinstance(value, dict)}
+    return {**old, "config": kept}
+
+
 def check_reusable(run_dir: Path, identity: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
     """The finished result of ``run_dir`` if it was made with ``identity``; None if there is none (or it was
     removed because ``overwrite``); ConfigError naming the changed settings otherwise."""
@@ -50,7 +61,7 @@ def check_reusable(run_dir: Path, identity: dict[str, Any], overwrite: bool) -> 
     if not path.exists():
         return None
     finished = json.loads(path.read_text())
-    old = finished.pop("identity", None)
+    old = narrowed_to(finished.pop("identity", None) or {}, identity)
     if old == identity:
         return finished
     if overwrite:
@@ -58,7 +69,7 @@ def check_reusable(run_dir: Path, identity: dict[str, Any], overwrite: bool) -> 
         for name in RUN_OUTPUTS:
             (Path(run_dir) / name).unlink(missing_ok=True)
         return None
-    changes = changed_settings(old or {}, identity)
+    changes = changed_settings(old, identity)
     shown = "; ".join(changes[:8]) + (" ..." if len(changes) > 8 else "")
     raise ConfigError(f"{run_dir} already holds a finished run made with other settings ({shown}); "
                       "use another run_dir, or overwrite=true to run it again")
