@@ -134,6 +134,12 @@ class FinetuneConfig:
         if not self.normalisation_std > 0:
             raise ValueError(f"normalisation_std must be positive, got {self.normalisation_std}")
 
+    def unused_sections(self) -> tuple[str, ...]:
+        """The encoder sizes this run never reads (left out of its identity, so a changed ViT default does not stop
+        a finished ResNet run's reuse): every kind's when an encoder file gives the architecture, else the others'."""
+        read = () if self.pretrained or self.architecture_of else (self.encoder,)
+        return tuple(name for name in ENCODERS if name not in read)
+
     def normalisation(self) -> Normalisation:
         return Normalisation(self.normalisation_mean, self.normalisation_std)
 
@@ -263,7 +269,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     """
     run_dir = Path(config.run_dir)
     results_path = run_dir / RESULTS_NAME
-    identity = resume_identity(config)
+    identity = resume_identity(config, config.unused_sections())
     finished = check_reusable(run_dir, identity, config.overwrite)
     if finished is not None:
         log.info("%s already finished with this config; reading its results", run_dir)

@@ -84,7 +84,7 @@ class BenchmarkConfig:
     fraction_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # key=value settings per label fraction
     fraction_seeds: dict[str, tuple[int, ...]] = field(default_factory=dict)  # seeds for a fraction instead of seeds (more where runs are cheap and noisy)
     method_pretrained: dict[str, str] = field(default_factory=dict)  # METHOD: an encoder file for the resnet18-METHOD inits instead of pretraining it
-    method_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # METHOD: key=value pretraining settings of the resnet18-METHOD encoder
+    method_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # METHOD: key=value pretraining settings of that method's encoder (mae: the vit-mae ones)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.inits) - set(INITS))
@@ -110,10 +110,11 @@ class BenchmarkConfig:
             raise ValueError(f"label_counts must be >= 0 (0: all labelled images), got {list(self.label_counts)}")
         if self.label_counts and (self.fraction_seeds or self.fraction_overrides):
             raise ValueError("fraction_seeds and fraction_overrides apply to a grid of fractions, not of label_counts")
-        unknown = sorted((set(self.method_pretrained) | set(self.method_overrides)) - set(RESNET_METHODS + VIT_METHODS))
+        unknown = sorted(set(self.method_pretrained) - set(RESNET_METHODS + VIT_METHODS))
+        unknown += sorted(set(self.method_overrides) - {"mae", *RESNET_METHODS, *VIT_METHODS})
         if unknown:
-            raise ValueError(f"method_pretrained / method_overrides name unknown method(s) {unknown}; "
-                             f"valid: {list(RESNET_METHODS + VIT_METHODS)}")
+            raise ValueError(f"method_pretrained / method_overrides name unknown method(s) {unknown}; valid: "
+                             f"{list(RESNET_METHODS + VIT_METHODS)} (and mae for method_overrides)")
         pretrained_resnets = [i for i in self.inits if i.startswith("resnet18-") and i != "resnet18-scratch"]
         if "resnet18-scratch" in self.inits and pretrained_resnets and self.pretrain.resnet != self.finetune.resnet:
             raise ValueError(f"resnet18-scratch is built from finetune.resnet {self.finetune.resnet} but {pretrained_resnets} "
@@ -188,9 +189,11 @@ def _encoders(config: BenchmarkConfig) -> tuple[dict[str, str], list[tuple[str, 
         if given is not None:
             encoders[name] = given
         elif needed:
-            pretrain_config = dataclasses.replace(
+            base = to_dict(dataclasses.replace(
                 config.pretrain, run_dir=str(run_dir / folder), data_dir=config.data_dir or config.pretrain.data_dir,
-                mae=dataclasses.replace(config.pretrain.mae, lung_weight=lung_weight))
+                mae=dataclasses.replace(config.pretrain.mae, lung_weight=lung_weight)))
+            pretrain_config = from_dict(PretrainConfig, apply_overrides(base, list(config.method_overrides.get("mae", ()))),
+                                        where=f"pretraining {folder}")
             encoders[name] = str(run_dir / folder / ENCODER_NAME)
             pretrainings.append((name, pretrain_config))
     for method in RESNET_METHODS + VIT_METHODS:
@@ -251,7 +254,7 @@ def benchmark(config: BenchmarkConfig) -> Path:
     for init, fraction, seed in cells:
         cell = run_config(config, init, fraction, seed, encoders)
         if (init, float(fraction), seed) in done:
-            check_reusable(Path(cell.run_dir), resume_identity(cell), cell.overwrite)
+            check_reusable(Path(cell.run_dir), resume_identity(cell, cell.unused_sections()), cell.overwrite)
         else:
             pending.append(cell)
     check_label_subsets(pending)

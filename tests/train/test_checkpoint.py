@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from chestssl.errors import CheckpointError
+from chestssl.errors import CheckpointError, ConfigError
 from chestssl.models.vit import ViT, ViTConfig
 from chestssl.methods import METHODS
 from chestssl.methods.spark import SparKConfig
@@ -25,6 +25,7 @@ from chestssl.data.datasets import Labelled, Split
 from chestssl.train.finetune import FinetuneConfig, build_run_encoder
 from chestssl.train.loop import resume_identity
 from chestssl.train.pretrain import PretrainConfig
+from chestssl.train.reuse import check_reusable
 
 SMALL = ViTConfig(patch_size=4, hidden_size=32, depth=1, num_heads=2)
 
@@ -64,6 +65,22 @@ def test_a_pretraining_identity_leaves_out_the_sections_it_never_reads():
     assert resume_identity(spark, spark.unused_sections()) == resume_identity(other_swav, other_swav.unused_sections())
     changed = dataclasses.replace(spark, spark=SparKConfig(mask_cell=4))  # the run's own method's setting
     assert resume_identity(spark, spark.unused_sections()) != resume_identity(changed, changed.unused_sections())
+
+
+def test_a_finetuning_identity_leaves_out_the_encoder_sizes_it_never_reads(tmp_path):
+    resnet = FinetuneConfig(encoder="resnet")
+    other_vit = dataclasses.replace(resnet, vit=ViTConfig(patch_size=8))
+    assert resume_identity(resnet, resnet.unused_sections()) == resume_identity(other_vit, other_vit.unused_sections())
+    deeper = dataclasses.replace(resnet, resnet=dataclasses.replace(resnet.resnet, depth=34))
+    assert resume_identity(resnet, resnet.unused_sections()) != resume_identity(deeper, deeper.unused_sections())
+    from_file = FinetuneConfig(pretrained="encoder.safetensors")  # the file gives the architecture
+    assert set(from_file.unused_sections()) == {"vit", "resnet"}
+    # a result stored with every section (as before) is still reused, and a change in the section read is not
+    identity = resume_identity(resnet, resnet.unused_sections())
+    (tmp_path / "results.json").write_text(json.dumps({"test_auc": 0.9, "identity": resume_identity(other_vit)}))
+    assert check_reusable(tmp_path, identity, overwrite=False) == {"test_auc": 0.9}
+    with pytest.raises(ConfigError, match="resnet.depth: 18 -> 34"):
+        check_reusable(tmp_path, resume_identity(deeper, deeper.unused_sections()), overwrite=False)
 
 
 def test_a_checkpoint_that_holds_every_section_resumes_when_the_sections_read_match(tmp_path):

@@ -65,6 +65,20 @@ def test_two_pretrainings_differ_only_in_the_loss(tmp_path, monkeypatch):
     assert (tmp_path / "results.csv").read_text().count("\n") == 1 + len(config.inits)
 
 
+def test_method_overrides_reach_the_vit_mae_pretraining_too(tmp_path, monkeypatch):
+    pretrained, finetuned = recording_runs(monkeypatch)
+    config = load_config(BenchmarkConfig, REPO / "configs/lidc32_seg.yaml",
+                         [f"run_dir={tmp_path}", "seeds=[0]", "fractions=[1.0]", "inits=[vit-mae, vit-groupmask]",
+                          "method_overrides={mae: [epochs=7], groupmask: [epochs=3]}"])
+    protocol.benchmark(config)
+    by_method = {c.method: c for c in pretrained}
+    assert by_method["mae"].epochs == 7 and by_method["groupmask"].epochs == 3
+    assert dataclasses.replace(by_method["mae"], epochs=3, method="groupmask", run_dir=by_method["groupmask"].run_dir) \
+        == by_method["groupmask"]  # nothing else differs
+    with pytest.raises(ConfigError, match="unknown method"):
+        load_config(BenchmarkConfig, None, ["method_pretrained={mae: x.safetensors}"])
+
+
 def test_more_seeds_where_runs_are_cheap():
     config = load_config(BenchmarkConfig, None, ["fractions=[0.01, 1.0]", "seeds=[0, 1]", "inits=[vit-scratch]",
                                                  "fraction_seeds={0.01: [0, 1, 2, 3]}"])
