@@ -65,12 +65,19 @@ def test_two_pretrainings_differ_only_in_the_loss(tmp_path, monkeypatch):
     assert (tmp_path / "results.csv").read_text().count("\n") == 1 + len(config.inits)
 
 
-def test_method_overrides_reach_the_vit_mae_pretraining_too(tmp_path, monkeypatch):
+def recorded_benchmark(monkeypatch, tmp_path, config_file, overrides):
+    """The config of ``config_file`` with ``overrides``, one seed at 100%, run with recorders: (config, the
+    pretraining configs, the fine-tuning configs)."""
     pretrained, finetuned = recording_runs(monkeypatch)
-    config = load_config(BenchmarkConfig, REPO / "configs/lidc32_seg.yaml",
-                         [f"run_dir={tmp_path}", "seeds=[0]", "fractions=[1.0]", "inits=[vit-mae, vit-groupmask]",
-                          "method_overrides={mae: [epochs=7], groupmask: [epochs=3]}"])
+    config = load_config(BenchmarkConfig, REPO / "configs" / config_file,
+                         [f"run_dir={tmp_path}", "seeds=[0]", "fractions=[1.0]", *overrides])
     protocol.benchmark(config)
+    return config, pretrained, finetuned
+
+
+def test_method_overrides_reach_the_vit_mae_pretraining_too(tmp_path, monkeypatch):
+    _, pretrained, _ = recorded_benchmark(monkeypatch, tmp_path, "lidc32_seg.yaml", [
+        "inits=[vit-mae, vit-groupmask]", "method_overrides={mae: [epochs=7], groupmask: [epochs=3]}"])
     by_method = {c.method: c for c in pretrained}
     assert by_method["mae"].epochs == 7 and by_method["groupmask"].epochs == 3
     assert dataclasses.replace(by_method["mae"], epochs=3, method="groupmask", run_dir=by_method["groupmask"].run_dir) \
@@ -89,11 +96,8 @@ def test_more_seeds_where_runs_are_cheap():
 
 
 def test_each_cnn_method_gets_its_own_pretraining_and_the_scratch_resnet_is_its_twin(tmp_path, monkeypatch):
-    pretrained, finetuned = recording_runs(monkeypatch)
-    config = load_config(BenchmarkConfig, REPO / "configs/pneumoniamnist28_cnn.yaml",
-                         [f"run_dir={tmp_path}", "seeds=[0]", "fractions=[1.0]", "fraction_seeds={}",
-                          "inits=[resnet18-scratch, resnet18-spark, resnet18-simclr-ft, resnet18-byol-linear]"])
-    protocol.benchmark(config)
+    config, pretrained, finetuned = recorded_benchmark(monkeypatch, tmp_path, "pneumoniamnist28_cnn.yaml", [
+        "fraction_seeds={}", "inits=[resnet18-scratch, resnet18-spark, resnet18-simclr-ft, resnet18-byol-linear]"])
     by_method = {c.method: c for c in pretrained}
     assert sorted(by_method) == ["byol", "simclr", "spark"] and {c.encoder for c in pretrained} == {"resnet"}
     assert len({c.resnet for c in pretrained} | {config.finetune.resnet}) == 1  # one architecture for all
