@@ -15,6 +15,7 @@ Legend: ``B`` batch, ``C`` channels, ``S`` spatial (H, W) or (D, H, W), ``F`` en
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,6 +32,7 @@ from chestssl.methods.projection import projection_mlp
 if TYPE_CHECKING:  # for the annotation only: methods do not depend on the training loop
     from chestssl.train.loop import Progress
 
+log = logging.getLogger(__name__)
 
 GLOBAL_CROPS = 2  # the paper's two full-size views, the only ones whose codes are computed
 MIN_LOCAL_SIDE = 16  # the smallest default local crop side (28 px images, 32³ CT cubes: near native resolution)
@@ -182,6 +184,16 @@ class SwAV(nn.Module):
         view = contrastive_view(base) if settings.view_preset == "medical" else base
         local = dataclasses.replace(view, crop_scale=settings.local_crop_scale, size=settings.local_side(image_size))
         return (view,) * GLOBAL_CROPS + (local,) * settings.local_crops
+
+    def check_dataset(self, samples_per_epoch: int, global_batch: int) -> None:
+        """Warn where the Sinkhorn pool, the global batch, is smaller than the prototypes: each code then gives
+        every prototype less than one sample's share, and the equal split Sinkhorn enforces spreads the codes
+        thin (the paper adds a feature queue there; chestssl has none)."""
+        if self.config.num_prototypes > global_batch:
+            log.warning("swav.num_prototypes %d is more than the global batch of %d that Sinkhorn-Knopp splits "
+                        "equally over them: every prototype gets less than one sample a batch; "
+                        "swav.num_prototypes=%d or a larger batch keeps at least one", self.config.num_prototypes,
+                        global_batch, global_batch)
 
     @property
     def prototypes_frozen(self) -> bool:

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
+from chestssl.data.datasets import CT_CACHE  # noqa: E402
 from chestssl.errors import DataError  # noqa: E402
 
 RESULT_COLUMNS = [
@@ -67,19 +68,27 @@ def is_segmentation(rows: list[dict]) -> bool:
     return bool(rows) and "test_dice" in rows[0]
 
 
-def metrics_of(rows: list[dict]) -> list[tuple[str, str]]:
-    """(column, name) of the metrics a table reports for these rows."""
+def metrics_of(rows: list[dict], unit: str = "px") -> list[tuple[str, str]]:
+    """(column, name) of the metrics a table reports for these rows; ``unit`` is HD95's ("px", or "voxels" for 3D)."""
     if not is_segmentation(rows):
         return METRICS
     regions = [key for key in rows[0] if key.startswith("test_dice_")]
     named = [(key, "Dice " + key.removeprefix("test_dice_").replace("_", " ")) for key in regions]
-    return [("test_dice", "Dice"), ("test_hd95", "HD95 (px)")] + (named if len(regions) > 1 else [])
+    return [("test_dice", "Dice"), ("test_hd95", f"HD95 ({unit})")] + (named if len(regions) > 1 else [])
 
 
-def paired_metrics(rows: list[dict]) -> list[tuple[str, str]]:
+def paired_metrics(rows: list[dict], unit: str = "px") -> list[tuple[str, str]]:
     """The metrics a seed-by-seed comparison reports: AUC, ACC and balanced accuracy (the last is what a class-
     imbalanced test set needs); Dice and HD95 for segmentation."""
-    return metrics_of(rows)[:2] if is_segmentation(rows) else metrics_of(rows)[:3]
+    return metrics_of(rows, unit)[:2] if is_segmentation(rows) else metrics_of(rows)[:3]
+
+
+def distance_unit(run_dir: Path) -> str:
+    """HD95's unit in a benchmark directory: "voxels" where its saved config fine-tunes on a volume cache (3D),
+    else "px"."""
+    path = run_dir / "config.yaml"
+    settings = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return "voxels" if (settings.get("finetune") or {}).get("dataset") == CT_CACHE else "px"
 
 
 def _number(value: str) -> float:
@@ -334,19 +343,21 @@ def write_report(run_dir: str | Path, against: tuple[str, ...] = ()) -> Path:
     if unknown:
         raise DataError(f"--against {', '.join(unknown)}: not in {run_dir / 'results.csv'} (it has {', '.join(inits)})")
     summary = summarise(rows)
-    metrics = metrics_of(rows)
+    unit = distance_unit(run_dir)
+    metrics = metrics_of(rows, unit)
     figure = plot(summary, run_dir / "metric_vs_fraction.png", metrics)
     selections = sorted({entry["selection"].split(" (")[0] for entry in summary})
     table = markdown_table(summary, metrics)
     if is_segmentation(rows):
         measured = ("Dice (MONAI DiceMetric, per image, mean over images and foreground classes) and HD95 (MONAI "
-                    "HausdorffDistanceMetric, 95th percentile, pixels at the model's input size; images where a "
-                    "region is predicted empty are counted in test_hd95_missed, not averaged).")
+                    f"HausdorffDistanceMetric, 95th percentile, {'voxels' if unit == 'voxels' else 'pixels'} at the "
+                    "model's input size; images where a region is predicted empty are counted in test_hd95_missed, "
+                    "not averaged).")
     else:
         measured = "ACC at threshold 0.5 as the MedMNIST evaluator computes it."
     notes = (f"{len(rows)} runs. Test metrics on the test split; mean ± sample std over seeds, and a Student-t "
              f"95% confidence interval for the mean {metrics[0][1]}. {measured} Model selection: {'; '.join(selections)}.")
-    compared = paired_metrics(rows)
+    compared = paired_metrics(rows, unit)
     paired = {baseline: paired_differences(rows, summary, baseline, compared) for baseline in dict.fromkeys((*BASELINES, *against))}
     paired = {baseline: items for baseline, items in paired.items() if items}
     paired_section = "".join(

@@ -199,7 +199,7 @@ def pretrain(config: PretrainConfig) -> Path:
                       context.world_size, context.device, config.num_workers)
     torch.manual_seed(config.seed)
     method = build_pretraining(config, image_size).to(context.device)
-    if hasattr(method, "check_dataset"):  # a method that keeps past samples (a queue) checks the data fills it
+    if hasattr(method, "check_dataset"):  # a queue the data must fill, prototypes a batch must share
         method.check_dataset(len(batches) * batches.batch_size, batches.batch_size)
     lr = config.base_lr * config.batch_size / 256
     log.info("effective learning rate %.3g (base_lr %.3g x batch %d / 256)", lr, config.base_lr, config.batch_size)

@@ -260,6 +260,15 @@ def test_prototypes_are_frozen_for_the_first_steps_then_learn():
     assert int(method.steps_done) == 5
 
 
+def test_more_prototypes_than_the_global_batch_is_warned(caplog):
+    method = tiny_swav()  # 8 prototypes
+    with caplog.at_level("WARNING", logger="chestssl.methods.swav"):
+        method.check_dataset(100, 8)
+        assert not caplog.records
+        method.check_dataset(100, 4)
+    assert "swav.num_prototypes 8 is more than the global batch of 4" in caplog.text
+
+
 def test_byol_views_are_contrastive_with_the_papers_asymmetric_blur():
     base = ViewConfig(rotate_degrees=5.0)
     first, second = method_views(BYOL, BYOLConfig(), base, 16)

@@ -119,6 +119,10 @@ def test_segmentation_results_make_a_report_and_refuse_other_columns(tmp_path):
             "test_hd95_missed": 0, "test_dice_lung": dice, "test_hd95_lung": 4.0, "seconds": 1.0})
     report = write_report(tmp_path).read_text()
     assert "| 5 images | resnet18-scratch | 5 | 2 | 0.850 ± 0.071 | 4.000 ± 0.000 |" in report
+    assert "HD95 (px)" in report and "voxels" not in report
+    (tmp_path / "config.yaml").write_text("finetune: {dataset: ct-cache, task: segmentation}\n")  # a 3D grid's
+    report = write_report(tmp_path).read_text()
+    assert "HD95 (voxels)" in report and "(px)" not in report
     with pytest.raises(DataError, match="another grid"):
         append_result(tmp_path / "results.csv", {"task": "classification", "init": "vit-scratch"})
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
